@@ -1,0 +1,392 @@
+//! The durable pull-consumer runner every worker uses.
+//!
+//! - bounded fetches (a small batch, a short expiry) so `ack_wait` clocks do not start on
+//!   messages that will wait long in a local buffer;
+//! - explicit ack after the handler succeeds;
+//! - a retryable failure is nak'ed with the next backoff delay; a permanent failure, or a
+//!   retryable one on the last allowed delivery, is copied to `dlq.<subject>` with the reason
+//!   and then terminated, so nothing is dropped silently;
+//! - the server's max-deliveries advisory is watched too, so a message whose last delivery
+//!   timed out (a crashed or hung handler) is dead-lettered as well;
+//! - on shutdown the runner finishes the message in hand, releases the rest of the batch
+//!   (nak without delay) and returns.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::{AckKind, Context, Message};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::subjects::{self, dlq_headers};
+
+/// What a durable consumer reads and how it retries.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub stream: String,
+    pub durable: String,
+    /// Empty for every subject of the stream.
+    pub filter_subject: String,
+    /// Delays before the 2nd, 3rd, ... delivery; the last one repeats if there are fewer
+    /// delays than deliveries.
+    pub backoff: Vec<Duration>,
+    /// Deliveries before a message is dead-lettered.
+    pub max_deliver: i64,
+    /// How long the handler may take before the server redelivers.
+    pub ack_wait: Duration,
+    /// Messages per fetch.
+    pub batch: usize,
+    /// How long one fetch waits for messages.
+    pub fetch_expires: Duration,
+    pub deliver_policy: DeliverPolicy,
+}
+
+impl ConsumerSpec {
+    /// Sensible defaults: 5 deliveries, 1 s / 5 s / 30 s / 2 min backoff, 30 s ack wait,
+    /// batches of 50.
+    pub fn new(stream: impl Into<String>, durable: impl Into<String>) -> ConsumerSpec {
+        ConsumerSpec {
+            stream: stream.into(),
+            durable: durable.into(),
+            filter_subject: String::new(),
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                Duration::from_secs(120),
+            ],
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+            batch: 50,
+            fetch_expires: Duration::from_secs(1),
+            deliver_policy: DeliverPolicy::All,
+        }
+    }
+
+    pub fn filter(mut self, subject: impl Into<String>) -> Self {
+        self.filter_subject = subject.into();
+        self
+    }
+
+    fn delay_after(&self, deliveries: i64) -> Duration {
+        let i = (deliveries.max(1) - 1) as usize;
+        self.backoff
+            .get(i)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    fn consumer_config(&self) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            filter_subject: self.filter_subject.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            deliver_policy: self.deliver_policy,
+            // Bounded in-flight work: at most a few batches unacknowledged.
+            max_ack_pending: (self.batch as i64 * 4).max(100),
+            ..Default::default()
+        }
+    }
+}
+
+/// One delivered message, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: Option<HeaderMap>,
+    pub stream_sequence: u64,
+    /// 1 on the first delivery.
+    pub deliveries: i64,
+}
+
+/// How a handler failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth another try later (a dependency was down).
+    #[error("retryable: {0}")]
+    Retry(String),
+    /// Will never succeed (the message is malformed): dead-letter it now.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// Counters of one runner, returned when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunStats {
+    pub acked: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+}
+
+/// Triggers a graceful stop of runners and servers.
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending side of [`Shutdown`].
+pub struct ShutdownTrigger {
+    tx: watch::Sender<bool>,
+}
+
+impl ShutdownTrigger {
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger { tx }, Shutdown { rx })
+    }
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+impl Shutdown {
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+    /// Completes when shutdown is triggered (or the trigger is dropped).
+    pub async fn wait(&mut self) {
+        let _ = self.rx.wait_for(|v| *v).await;
+    }
+}
+
+/// Creates the durable consumer if needed and processes messages until `shutdown`.
+pub async fn run<H, F>(
+    js: Context,
+    spec: ConsumerSpec,
+    handler: H,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<RunStats>
+where
+    H: Fn(Delivery) -> F,
+    F: Future<Output = Result<(), HandlerError>>,
+{
+    let stream = js
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {}: {e}", spec.stream))?;
+    let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(&spec.durable, spec.consumer_config())
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
+    let advisories = spawn_max_delivery_watch(js.clone(), &spec).await?;
+
+    let mut stats = RunStats::default();
+    while !shutdown.is_triggered() {
+        let fetched = tokio::select! {
+            f = consumer.fetch().max_messages(spec.batch).expires(spec.fetch_expires).messages() => f,
+            _ = shutdown.wait() => break,
+        };
+        let mut batch = match fetched {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(consumer = %spec.durable, error = %e, "fetch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(next) = batch.next().await {
+            let msg = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(consumer = %spec.durable, error = %e, "batch ended");
+                    break;
+                }
+            };
+            if shutdown.is_triggered() {
+                // Hand the message back at once so another instance can take it.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            handle_one(&js, &spec, &handler, msg, &mut stats).await;
+        }
+    }
+    advisories.abort();
+    Ok(stats)
+}
+
+async fn handle_one<H, F>(
+    js: &Context,
+    spec: &ConsumerSpec,
+    handler: &H,
+    msg: Message,
+    stats: &mut RunStats,
+) where
+    H: Fn(Delivery) -> F,
+    F: Future<Output = Result<(), HandlerError>>,
+{
+    let (seq, deliveries) = match msg.info() {
+        Ok(info) => (info.stream_sequence, info.delivered),
+        Err(e) => {
+            tracing::warn!(error = %e, "message without JetStream metadata; terminating");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let delivery = Delivery {
+        subject: msg.subject.to_string(),
+        payload: msg.payload.clone(),
+        headers: msg.headers.clone(),
+        stream_sequence: seq,
+        deliveries,
+    };
+    // A handler that outlives ack_wait would be redelivered anyway: count it as a retry.
+    let outcome = match tokio::time::timeout(spec.ack_wait, handler(delivery)).await {
+        Ok(r) => r,
+        Err(_) => Err(HandlerError::Retry(format!(
+            "handler took longer than {:?}",
+            spec.ack_wait
+        ))),
+    };
+    match outcome {
+        Ok(()) => {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, seq, "ack failed; the message will be redelivered");
+            }
+            stats.acked += 1;
+        }
+        Err(HandlerError::Retry(reason)) if deliveries < spec.max_deliver => {
+            let delay = spec.delay_after(deliveries);
+            tracing::info!(consumer = %spec.durable, seq, deliveries, ?delay, %reason, "retrying");
+            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            stats.retried += 1;
+        }
+        Err(e) => {
+            let reason = match e {
+                HandlerError::Retry(r) => format!("gave up after {deliveries} deliveries: {r}"),
+                HandlerError::Permanent(r) => format!("permanent failure: {r}"),
+            };
+            let original = DeadLetter {
+                subject: msg.subject.as_str(),
+                payload: msg.payload.clone(),
+                stream: &spec.stream,
+                sequence: seq,
+                consumer: &spec.durable,
+                deliveries,
+                reason: &reason,
+            };
+            match dead_letter(js, original).await {
+                Ok(()) => {
+                    tracing::warn!(consumer = %spec.durable, seq, %reason, "dead-lettered");
+                    let _ = msg.ack_with(AckKind::Term).await;
+                    stats.dead_lettered += 1;
+                }
+                Err(err) => {
+                    // Never drop: keep it in the stream and try again later.
+                    tracing::error!(error = %err, seq, "dead-letter copy failed; will retry");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(spec.delay_after(deliveries))))
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+struct DeadLetter<'a> {
+    subject: &'a str,
+    payload: Bytes,
+    stream: &'a str,
+    sequence: u64,
+    consumer: &'a str,
+    deliveries: i64,
+    reason: &'a str,
+}
+
+/// Copies a message to `dlq.<subject>` with the reason; the id `<stream>:<seq>:<consumer>`
+/// makes a repeated copy a duplicate.
+async fn dead_letter(js: &Context, d: DeadLetter<'_>) -> Result<(), async_nats::Error> {
+    let mut headers = HeaderMap::new();
+    // Header values must be one line.
+    let reason: String = d
+        .reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    headers.insert(dlq_headers::REASON, reason.as_str());
+    headers.insert(dlq_headers::STREAM, d.stream);
+    headers.insert(dlq_headers::SEQUENCE, d.sequence.to_string().as_str());
+    headers.insert(dlq_headers::CONSUMER, d.consumer);
+    headers.insert(dlq_headers::DELIVERIES, d.deliveries.to_string().as_str());
+    headers.insert(dlq_headers::SUBJECT, d.subject);
+    let id = format!("{}:{}:{}", d.stream, d.sequence, d.consumer);
+    js.send_publish(
+        subjects::dlq_subject(d.subject),
+        Publish::build()
+            .payload(d.payload)
+            .headers(headers)
+            .message_id(id),
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream_seq: u64,
+    deliveries: i64,
+}
+
+/// Watches `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`: the server sends
+/// it when a message ran out of deliveries without a verdict from us (every delivery timed
+/// out). The message is then read back from the stream and dead-lettered.
+async fn spawn_max_delivery_watch(
+    js: Context,
+    spec: &ConsumerSpec,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let subject = format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+        spec.stream, spec.durable
+    );
+    let mut sub = js.client().subscribe(subject).await?;
+    let stream_name = spec.stream.clone();
+    let consumer = spec.durable.clone();
+    Ok(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let Ok(adv) = serde_json::from_slice::<MaxDeliveriesAdvisory>(&msg.payload) else {
+                continue;
+            };
+            let Ok(stream) = js.get_stream(&stream_name).await else {
+                continue;
+            };
+            let Ok(original) = stream.get_raw_message(adv.stream_seq).await else {
+                continue;
+            };
+            let d = DeadLetter {
+                subject: original.subject.as_str(),
+                payload: original.payload.clone(),
+                stream: &stream_name,
+                sequence: adv.stream_seq,
+                consumer: &consumer,
+                deliveries: adv.deliveries,
+                reason: "max deliveries reached without an acknowledgement (handler timed out or crashed)",
+            };
+            if let Err(e) = dead_letter(&js, d).await {
+                tracing::error!(error = %e, seq = adv.stream_seq, "dead-letter copy from advisory failed");
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_repeats_last_delay() {
+        let mut s = ConsumerSpec::new("S", "d");
+        s.backoff = vec![Duration::from_millis(10), Duration::from_millis(20)];
+        assert_eq!(s.delay_after(1), Duration::from_millis(10));
+        assert_eq!(s.delay_after(2), Duration::from_millis(20));
+        assert_eq!(s.delay_after(7), Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,29 @@
+//! Redis connection management: one multiplexed, auto-reconnecting connection per process.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::time::Duration;
+
+/// Connects to Redis and checks the connection with a PING.
+pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
+    let redacted = crate::config::redact_url(url);
+    let client = redis::Client::open(url)
+        .map_err(|e| anyhow::anyhow!("invalid REDIS_URL {redacted}: {e}"))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let mut conn = ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {redacted}: {e}"))?;
+    ping(&mut conn)
+        .await
+        .map_err(|e| anyhow::anyhow!("Redis at {redacted} does not answer PING: {e}"))?;
+    Ok(conn)
+}
+
+/// PING, for readiness checks.
+pub async fn ping(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    redis::cmd("PING")
+        .query_async::<String>(conn)
+        .await
+        .map(|_| ())
+}

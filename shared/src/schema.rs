@@ -1,0 +1,311 @@
+//! JSON Schemas from `schemas/`, compiled once, and validation errors that name the failing
+//! field (a JSON pointer), the rule that failed and the kind of the offending value.
+//!
+//! The schema files are embedded at compile time, so a binary never depends on the working
+//! directory. Envelope validation is two-step: the envelope schema first, then the `data`
+//! schema chosen by `category` and `type` (with pointers prefixed by `/data`). Keeping the
+//! steps apart avoids `$ref` resolution between files and lets the error for "a type that
+//! belongs to another category" be specific.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::events::Category;
+
+macro_rules! schema_files {
+    ($($path:literal),* $(,)?) => {
+        /// Every schema file: its path under `schemas/` and its text.
+        pub const SCHEMA_FILES: &[(&str, &str)] = &[
+            $(($path, include_str!(concat!("../../schemas/", $path))),)*
+        ];
+    };
+}
+
+schema_files!(
+    "envelope.json",
+    "api/batch-request.json",
+    "api/member-request.json",
+    "api/document-request.json",
+    "events/writing/keystroke.json",
+    "events/writing/word_added.json",
+    "events/writing/paragraph_completed.json",
+    "events/writing/session_started.json",
+    "events/writing/session_ended.json",
+    "events/writing/flow_state_entered.json",
+    "events/writing/flow_state_exited.json",
+    "events/collaboration/user_joined.json",
+    "events/collaboration/user_left.json",
+    "events/collaboration/cursor_moved.json",
+    "events/collaboration/edit_applied.json",
+    "events/collaboration/comment_added.json",
+    "events/collaboration/conflict_detected.json",
+    "events/publishing/status_changed.json",
+    "events/publishing/upload_started.json",
+    "events/publishing/review_completed.json",
+    "events/publishing/book_published.json",
+    "events/publishing/sales_updated.json",
+    "events/analytics/metric_updated.json",
+    "events/analytics/threshold_crossed.json",
+    "events/analytics/anomaly_detected.json",
+    "events/automation/workflow_started.json",
+    "events/automation/action_executed.json",
+    "events/automation/workflow_completed.json",
+    "events/automation/workflow_failed.json",
+    "events/system/service_started.json",
+    "events/system/service_stopped.json",
+);
+
+/// One reason an input was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// JSON pointer (RFC 6901) to the failing field; for a missing field, where it should be.
+    pub pointer: String,
+    /// The schema keyword (or inkwire rule) that failed: `type`, `required`, `format`, ...
+    pub rule: String,
+    /// The JSON kind of the offending value (`string`, `number`, ...), or `missing`.
+    pub kind: String,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(
+        pointer: impl Into<String>,
+        rule: &str,
+        value: Option<&Value>,
+        message: impl Into<String>,
+    ) -> Self {
+        FieldError {
+            pointer: pointer.into(),
+            rule: rule.to_string(),
+            kind: value.map_or("missing", kind_of).to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The same error, seen from a containing document (`/events/3` + `/data/words`).
+    pub fn prefixed(mut self, prefix: &str) -> Self {
+        self.pointer = format!("{prefix}{}", self.pointer);
+        self
+    }
+}
+
+/// The JSON kind of a value as a schema author would name it.
+pub fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// All compiled schemas, keyed by path under `schemas/` (`events/writing/keystroke.json`).
+pub struct Schemas {
+    validators: HashMap<&'static str, jsonschema::Validator>,
+}
+
+/// The schemas, compiled on first use and shared by the whole process.
+pub fn schemas() -> &'static Schemas {
+    static SCHEMAS: OnceLock<Schemas> = OnceLock::new();
+    SCHEMAS.get_or_init(|| Schemas::compile().expect("embedded schemas compile"))
+}
+
+impl Schemas {
+    /// Compiles every embedded schema; fails on the first file that is not a valid schema or
+    /// whose `examples` do not validate against it.
+    pub fn compile() -> Result<Schemas, String> {
+        let mut validators = HashMap::new();
+        for (path, text) in SCHEMA_FILES {
+            let schema: Value =
+                serde_json::from_str(text).map_err(|e| format!("{path}: not JSON: {e}"))?;
+            let validator = jsonschema::draft202012::options()
+                .should_validate_formats(true)
+                .build(&schema)
+                .map_err(|e| format!("{path}: not a valid schema: {e}"))?;
+            let examples = schema
+                .get("examples")
+                .and_then(Value::as_array)
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| format!("{path}: has no examples"))?;
+            for (i, example) in examples.iter().enumerate() {
+                if let Err(e) = validator.validate(example) {
+                    return Err(format!("{path}: example {i} is invalid: {e}"));
+                }
+            }
+            validators.insert(*path, validator);
+        }
+        Ok(Schemas { validators })
+    }
+
+    /// Validates `instance` against the schema at `path`.
+    pub fn validate(&self, path: &str, instance: &Value) -> Result<(), Vec<FieldError>> {
+        let validator = self
+            .validators
+            .get(path)
+            .unwrap_or_else(|| panic!("schema {path} is not embedded"));
+        let errors: Vec<FieldError> = validator
+            .iter_errors(instance)
+            .map(to_field_error)
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Validates an event envelope and its `data`.
+    pub fn validate_event(&self, event: &Value) -> Result<(), Vec<FieldError>> {
+        self.validate("envelope.json", event)?;
+        // The envelope schema guarantees both are strings of the right shape.
+        let category: Category = event["category"]
+            .as_str()
+            .and_then(|c| c.parse().ok())
+            .expect("envelope schema checked category");
+        let event_type = event["type"]
+            .as_str()
+            .expect("envelope schema checked type");
+        if !category.has_type(event_type) {
+            let message = match Category::of_type(event_type) {
+                Some(other) => format!(
+                    "event type {event_type:?} belongs to category {:?}, not {:?}",
+                    other.as_str(),
+                    category.as_str()
+                ),
+                None => format!(
+                    "unknown event type {event_type:?} for category {:?}; known: {}",
+                    category.as_str(),
+                    category.event_types().join(", ")
+                ),
+            };
+            return Err(vec![FieldError::new(
+                "/type",
+                "eventType",
+                Some(&event["type"]),
+                message,
+            )]);
+        }
+        let path = format!("events/{}/{event_type}.json", category.as_str());
+        self.validate(&path, &event["data"])
+            .map_err(|errs| errs.into_iter().map(|e| e.prefixed("/data")).collect())
+    }
+}
+
+fn to_field_error(e: jsonschema::ValidationError<'_>) -> FieldError {
+    use jsonschema::error::ValidationErrorKind as K;
+    let at = e.instance_path().as_str().to_string();
+    let message = e.to_string();
+    let rule = e.kind().keyword().to_string();
+    match e.kind() {
+        K::Required { property } => {
+            let name = property.as_str().unwrap_or_default();
+            FieldError::new(
+                format!("{at}/{}", escape_pointer(name)),
+                &rule,
+                None,
+                message,
+            )
+        }
+        K::AdditionalProperties { unexpected } => {
+            let name = unexpected.first().cloned().unwrap_or_default();
+            let value = e.instance().get(&name).cloned();
+            FieldError::new(
+                format!("{at}/{}", escape_pointer(&name)),
+                &rule,
+                value.as_ref(),
+                format!("unexpected property {name:?}"),
+            )
+        }
+        _ => FieldError::new(at, &rule, Some(e.instance()), message),
+    }
+}
+
+fn escape_pointer(segment: &str) -> String {
+    segment.replace('~', "~0").replace('/', "~1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_schema_compiles_and_its_examples_validate() {
+        let s = Schemas::compile().unwrap();
+        assert_eq!(s.validators.len(), SCHEMA_FILES.len());
+    }
+
+    #[test]
+    fn every_event_type_has_a_schema() {
+        for c in Category::ALL {
+            for t in c.event_types() {
+                let path = format!("events/{}/{t}.json", c.as_str());
+                assert!(
+                    SCHEMA_FILES.iter().any(|(p, _)| *p == path),
+                    "{path} missing"
+                );
+            }
+        }
+    }
+
+    fn event(data: Value) -> Value {
+        json!({"category": "writing", "type": "word_added", "userId": "u-1", "data": data})
+    }
+
+    #[test]
+    fn wrong_type_names_pointer_rule_and_kind() {
+        let errs = schemas()
+            .validate_event(&event(json!({"sessionId": "s", "words": "three"})))
+            .unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].pointer, "/data/words");
+        assert_eq!(errs[0].rule, "type");
+        assert_eq!(errs[0].kind, "string");
+    }
+
+    #[test]
+    fn missing_field_points_at_where_it_belongs() {
+        let errs = schemas()
+            .validate_event(&event(json!({"words": 3})))
+            .unwrap_err();
+        assert_eq!(errs[0].pointer, "/data/sessionId");
+        assert_eq!(errs[0].rule, "required");
+        assert_eq!(errs[0].kind, "missing");
+    }
+
+    #[test]
+    fn type_of_another_category_is_named() {
+        let mut e = event(json!({}));
+        e["type"] = json!("cursor_moved");
+        let errs = schemas().validate_event(&e).unwrap_err();
+        assert_eq!(errs[0].pointer, "/type");
+        assert_eq!(errs[0].rule, "eventType");
+        assert!(errs[0].message.contains("collaboration"));
+    }
+
+    #[test]
+    fn bad_timestamp_is_a_format_error() {
+        let mut e = event(json!({"sessionId": "s", "words": 1}));
+        e["timestamp"] = json!("yesterday at noon");
+        let errs = schemas().validate_event(&e).unwrap_err();
+        assert_eq!(errs[0].pointer, "/timestamp");
+        assert_eq!(errs[0].rule, "format");
+    }
+
+    #[test]
+    fn unexpected_property_is_reported() {
+        let mut e = event(json!({"sessionId": "s", "words": 1}));
+        e["colour"] = json!(3);
+        let errs = schemas().validate_event(&e).unwrap_err();
+        assert_eq!(errs[0].pointer, "/colour");
+        assert_eq!(errs[0].rule, "additionalProperties");
+        assert_eq!(errs[0].kind, "integer");
+    }
+}

@@ -1,0 +1,63 @@
+//! Subject and stream names: the single place where they are spelled.
+//!
+//! Domain events live in one stream per category (`EVENTS_WRITING` holds
+//! `events.writing.>`), dead letters in `DLQ` (`dlq.>`). The relay's `RELAY` stream
+//! (`rt.>`) is added by the relay issue.
+
+use crate::events::Category;
+
+/// Prefix of every domain event subject.
+pub const EVENTS_PREFIX: &str = "events";
+/// Stream that keeps a copy of every message a consumer gave up on.
+pub const DLQ_STREAM: &str = "DLQ";
+/// Prefix of dead-letter subjects: `dlq.<original subject>`.
+pub const DLQ_PREFIX: &str = "dlq";
+
+/// Headers set on dead-letter copies.
+pub mod dlq_headers {
+    pub const REASON: &str = "Inkwire-Dlq-Reason";
+    pub const STREAM: &str = "Inkwire-Dlq-Stream";
+    pub const SEQUENCE: &str = "Inkwire-Dlq-Sequence";
+    pub const CONSUMER: &str = "Inkwire-Dlq-Consumer";
+    pub const DELIVERIES: &str = "Inkwire-Dlq-Deliveries";
+    pub const SUBJECT: &str = "Inkwire-Dlq-Subject";
+}
+
+/// `EVENTS_WRITING` for `writing`.
+pub fn event_stream(category: Category) -> String {
+    format!("EVENTS_{}", category.as_str().to_ascii_uppercase())
+}
+
+/// `events.writing.>`: everything a category stream holds.
+pub fn event_stream_subjects(category: Category) -> String {
+    format!("{EVENTS_PREFIX}.{}.>", category.as_str())
+}
+
+/// `events.writing.keystroke`.
+pub fn event_subject(category: Category, event_type: &str) -> String {
+    format!("{EVENTS_PREFIX}.{}.{event_type}", category.as_str())
+}
+
+/// `dlq.events.writing.keystroke`.
+pub fn dlq_subject(original: &str) -> String {
+    format!("{DLQ_PREFIX}.{original}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(event_stream(Category::Writing), "EVENTS_WRITING");
+        assert_eq!(
+            event_stream_subjects(Category::Publishing),
+            "events.publishing.>"
+        );
+        assert_eq!(
+            event_subject(Category::Writing, "keystroke"),
+            "events.writing.keystroke"
+        );
+        assert_eq!(dlq_subject("events.system.x"), "dlq.events.system.x");
+    }
+}
