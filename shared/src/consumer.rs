@@ -182,7 +182,9 @@ where
     let mut stats = RunStats::default();
     while !shutdown.is_triggered() {
         let fetched = tokio::select! {
-            f = consumer.fetch().max_messages(spec.batch).expires(spec.fetch_expires).messages() => f,
+            // `batch` waits up to `fetch_expires` for messages; `fetch` (no-wait) would spin
+            // when the stream is idle.
+            f = consumer.batch().max_messages(spec.batch).expires(spec.fetch_expires).messages() => f,
             _ = shutdown.wait() => break,
         };
         let mut batch = match fetched {
@@ -193,7 +195,17 @@ where
                 continue;
             }
         };
-        while let Some(next) = batch.next().await {
+        loop {
+            // Messages already handed to us are still processed below; waiting for more
+            // stops as soon as shutdown is triggered.
+            let next = tokio::select! {
+                n = batch.next() => n,
+                _ = shutdown.wait() => {
+                    release_buffered(&mut batch).await;
+                    None
+                }
+            };
+            let Some(next) = next else { break };
             let msg = match next {
                 Ok(m) => m,
                 Err(e) => {
@@ -211,6 +223,16 @@ where
     }
     advisories.abort();
     Ok(stats)
+}
+
+/// Naks (without delay) the messages of a batch that already reached this process, so that
+/// another instance gets them at once instead of after `ack_wait`.
+async fn release_buffered(batch: &mut async_nats::jetstream::consumer::pull::Batch) {
+    while let Ok(Some(Ok(msg))) =
+        tokio::time::timeout(Duration::from_millis(20), batch.next()).await
+    {
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+    }
 }
 
 async fn handle_one<H, F>(

@@ -1,0 +1,365 @@
+//! `inkwire bench ingest`: how close the HTTP events API comes to bare JetStream.
+//!
+//! In one run, against the same servers and streams:
+//! (a) baseline — one NATS client publishes the same envelopes straight to JetStream with
+//!     dedupe ids and a window of outstanding acks;
+//! (b) HTTP single — concurrent connections each POST one event at a time;
+//! (c) HTTP batch — concurrent connections POST batches of 100 events.
+//! The HTTP server runs in this process, authenticated as a normal project member, so
+//! validation, authorization (a Redis lookup) and publishing are all measured.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use inkwire_shared::config::Config;
+use inkwire_shared::jetstream::Outgoing;
+use inkwire_shared::local_servers::{LocalServers, Persistence};
+use inkwire_shared::membership::{self, ProjectRole};
+use inkwire_shared::{AppState, http};
+use serde_json::{Value, json};
+
+use super::report::{Progress, ScenarioResult, percentiles, print};
+
+#[derive(Args)]
+pub struct IngestArgs {
+    /// One JSON object per scenario on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Events for the baseline and the batch scenario.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Events for the single-event scenario (one request each).
+    #[arg(long, default_value_t = 40_000)]
+    single_events: u64,
+    /// Concurrent connections for single-event publishing.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Concurrent connections for batch publishing.
+    #[arg(long, default_value_t = 8)]
+    batch_connections: usize,
+    /// Events per batch request.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Outstanding acks for the baseline publisher (the server uses INKWIRE_PUBLISH_WINDOW).
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Use this NATS server instead of starting one.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Use this Redis server instead of starting one.
+    #[arg(long)]
+    redis_url: Option<String>,
+}
+
+const USER: &str = "bench-user";
+const PROJECT: &str = "bench-project";
+
+fn envelope(n: u64) -> Value {
+    json!({
+        "id": uuid::Uuid::new_v4().to_string(),
+        "category": "writing",
+        "type": "word_added",
+        "userId": USER,
+        "projectId": PROJECT,
+        "timestamp": "2026-11-21T10:00:00Z",
+        "data": {"sessionId": "bench-session", "words": 3, "totalWords": n},
+        "metadata": {"source": "bench", "version": 1}
+    })
+}
+
+pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.batch_size >= 1 && args.batch_size <= 1000,
+        "--batch-size must be 1..=1000"
+    );
+    anyhow::ensure!(
+        args.connections >= 1 && args.batch_connections >= 1,
+        "connections must be at least 1"
+    );
+    let tmp = tempfile::tempdir()?;
+    let servers = match (&args.nats_url, &args.redis_url) {
+        (Some(_), Some(_)) => None,
+        _ => Some(LocalServers::start(tmp.path(), Persistence::Scratch).await?),
+    };
+    let mut config = Config::from_env()?;
+    config.nats_url = args
+        .nats_url
+        .clone()
+        .or_else(|| servers.as_ref().map(|s| s.nats_url.clone()))
+        .unwrap_or_default();
+    config.redis_url = args
+        .redis_url
+        .clone()
+        .or_else(|| servers.as_ref().map(|s| s.redis_url.clone()))
+        .unwrap_or_default();
+    let state = AppState::connect(config, "inkwire-bench-server").await?;
+    let mut redis = state.redis.clone();
+    membership::set_member(&mut redis, PROJECT, USER, Some(ProjectRole::Editor)).await?;
+    let token = state.jwt.issue(USER, &[], Duration::from_secs(3600));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve_on(
+        listener,
+        crate::all_functions(state.clone()),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    // The baseline publisher has its own connection, as an application would.
+    let client =
+        inkwire_shared::jetstream::connect(&state.config.nats_url, "inkwire-bench-baseline")
+            .await?;
+    let js = inkwire_shared::jetstream::context(client);
+
+    let baseline = bench_baseline(&js, args.events, args.window).await?;
+    let base_rate = baseline.events_per_sec;
+    let mut results = vec![finish(baseline, base_rate)];
+    let http_client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let single = bench_single(
+        &http_client,
+        &base,
+        &token,
+        args.single_events,
+        args.connections,
+    )
+    .await?;
+    results.push(finish(single, base_rate));
+    let batch = bench_batch(
+        &http_client,
+        &base,
+        &token,
+        args.events,
+        args.batch_size,
+        args.batch_connections,
+    )
+    .await?;
+    results.push(finish(batch, base_rate));
+    print(&results, args.json);
+
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    if let Some(s) = servers {
+        s.stop().await;
+    }
+    Ok(())
+}
+
+fn finish(mut r: ScenarioResult, baseline: f64) -> ScenarioResult {
+    r.baseline_events_per_sec = baseline;
+    r.ratio_to_baseline = if baseline > 0.0 {
+        r.events_per_sec / baseline
+    } else {
+        0.0
+    };
+    r
+}
+
+fn result(
+    scenario: String,
+    events: u64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    notes: String,
+) -> ScenarioResult {
+    let (p50_ms, p99_ms, max_ms) = percentiles(latencies);
+    let seconds = elapsed.as_secs_f64();
+    ScenarioResult {
+        bench: "ingest",
+        scenario,
+        events,
+        seconds,
+        events_per_sec: events as f64 / seconds,
+        p50_ms,
+        p99_ms,
+        max_ms,
+        ratio_to_baseline: 0.0,
+        baseline_events_per_sec: 0.0,
+        notes,
+    }
+}
+
+async fn bench_baseline(
+    js: &async_nats::jetstream::Context,
+    events: u64,
+    window: usize,
+) -> anyhow::Result<ScenarioResult> {
+    let progress = Progress::start("baseline", events);
+    let start = Instant::now();
+    let mut latencies = Vec::with_capacity(events as usize);
+    let mut pending = FuturesOrdered::new();
+    for n in 0..events {
+        if pending.len() >= window
+            && let Some(done) = pending.next().await
+        {
+            latencies.push(done?);
+            progress.done.fetch_add(1, Ordering::Relaxed);
+        }
+        let event = envelope(n);
+        let msg = Outgoing {
+            subject: "events.writing.word_added".into(),
+            msg_id: event["id"].as_str().unwrap_or_default().to_string(),
+            payload: Bytes::from(serde_json::to_vec(&event)?),
+        };
+        let sent = Instant::now();
+        let ack = js
+            .send_publish(
+                msg.subject,
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(msg.payload)
+                    .message_id(msg.msg_id),
+            )
+            .await?;
+        pending.push_back(async move {
+            let ack = ack.await?;
+            anyhow::ensure!(!ack.duplicate, "unexpected duplicate");
+            Ok::<_, anyhow::Error>(sent.elapsed())
+        });
+    }
+    while let Some(done) = pending.next().await {
+        latencies.push(done?);
+    }
+    let elapsed = start.elapsed();
+    progress.finish();
+    Ok(result(
+        "baseline: bare JetStream publish".into(),
+        events,
+        elapsed,
+        latencies,
+        format!("one client, {window} acks in flight; latency is publish→ack"),
+    ))
+}
+
+async fn bench_single(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    events: u64,
+    connections: usize,
+) -> anyhow::Result<ScenarioResult> {
+    let url = format!("{base}/api/realtime/events/publish");
+    let progress = Progress::start("http single", events);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, url, token, next, done) = (
+            client.clone(),
+            url.clone(),
+            token.to_string(),
+            next.clone(),
+            progress.done.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= events {
+                    break;
+                }
+                let body = serde_json::to_vec(&envelope(n))?;
+                let t = Instant::now();
+                let res = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                let status = res.status();
+                let _ = res.bytes().await?;
+                anyhow::ensure!(status.as_u16() == 202, "publish answered {status}");
+                latencies.push(t.elapsed());
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    progress.finish();
+    Ok(result(
+        "http single: POST /events/publish".into(),
+        events,
+        elapsed,
+        latencies,
+        format!("{connections} connections, one event per request"),
+    ))
+}
+
+async fn bench_batch(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    events: u64,
+    batch_size: usize,
+    connections: usize,
+) -> anyhow::Result<ScenarioResult> {
+    let url = format!("{base}/api/realtime/events/batch");
+    let batches = events.div_ceil(batch_size as u64);
+    let progress = Progress::start("http batch", batches * batch_size as u64);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, url, token, next, done) = (
+            client.clone(),
+            url.clone(),
+            token.to_string(),
+            next.clone(),
+            progress.done.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    break;
+                }
+                let items: Vec<Value> = (0..batch_size as u64)
+                    .map(|i| envelope(b * batch_size as u64 + i))
+                    .collect();
+                let body = serde_json::to_vec(&json!({ "events": items }))?;
+                let t = Instant::now();
+                let res = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                let status = res.status();
+                let _ = res.bytes().await?;
+                anyhow::ensure!(status.as_u16() == 202, "batch answered {status}");
+                latencies.push(t.elapsed());
+                done.fetch_add(batch_size as u64, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    progress.finish();
+    Ok(result(
+        format!("http batch: POST /events/batch ×{batch_size}"),
+        batches * batch_size as u64,
+        elapsed,
+        latencies,
+        format!("{connections} connections; latency is per {batch_size}-event request"),
+    ))
+}

@@ -1,0 +1,20 @@
+//! `inkwire bench <scenario>`: benchmarks that measure the raw baseline in the same run and
+//! report each figure beside it as a ratio, because machines (and especially shared CI
+//! machines) are noisy.
+
+mod ingest;
+mod report;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Scenario {
+    /// Event ingest: bare JetStream publishing (baseline) vs the HTTP publish and batch APIs.
+    Ingest(ingest::IngestArgs),
+}
+
+pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
+    match scenario {
+        Scenario::Ingest(args) => ingest::run(args).await,
+    }
+}
