@@ -19,7 +19,7 @@ fn spec(durable: &str) -> ConsumerSpec {
     s.backoff = vec![Duration::from_millis(200), Duration::from_millis(400)];
     s.max_deliver = 3;
     s.ack_wait = Duration::from_secs(5);
-    s.fetch_expires = Duration::from_millis(200);
+    s.fetch_expires = Duration::from_secs(1);
     s
 }
 

@@ -1,7 +1,7 @@
 //! The durable pull-consumer runner every worker uses.
 //!
-//! - bounded fetches (a small batch, a short expiry) so `ack_wait` clocks do not start on
-//!   messages that will wait long in a local buffer;
+//! - bounded pulls (a small batch per pull request) so `ack_wait` clocks do not start on
+//!   many messages that will wait long in a local buffer;
 //! - explicit ack after the handler succeeds;
 //! - a retryable failure is nak'ed with the next backoff delay; a permanent failure, or a
 //!   retryable one on the last allowed delivery, is copied to `dlq.<subject>` with the reason
@@ -39,9 +39,9 @@ pub struct ConsumerSpec {
     pub max_deliver: i64,
     /// How long the handler may take before the server redelivers.
     pub ack_wait: Duration,
-    /// Messages per fetch.
+    /// Messages per pull request (the most buffered locally).
     pub batch: usize,
-    /// How long one fetch waits for messages.
+    /// How long one pull request waits for messages before it is renewed.
     pub fetch_expires: Duration,
     pub deliver_policy: DeliverPolicy,
 }
@@ -179,57 +179,42 @@ where
         .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
     let advisories = spawn_max_delivery_watch(js.clone(), &spec).await?;
 
+    // One long-lived pull stream (a single inbox, pull requests renewed as messages are
+    // consumed, idle heartbeats to detect a lost server). Separate short fetches each with
+    // their own inbox lose a message that the server delivers just as a request expires.
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(spec.batch)
+        .expires(spec.fetch_expires)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
     let mut stats = RunStats::default();
-    while !shutdown.is_triggered() {
-        let fetched = tokio::select! {
-            // `batch` waits up to `fetch_expires` for messages; `fetch` (no-wait) would spin
-            // when the stream is idle.
-            f = consumer.batch().max_messages(spec.batch).expires(spec.fetch_expires).messages() => f,
+    loop {
+        let next = tokio::select! {
+            n = messages.next() => n,
             _ = shutdown.wait() => break,
         };
-        let mut batch = match fetched {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(consumer = %spec.durable, error = %e, "fetch failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
                 continue;
             }
+            None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
         };
-        loop {
-            // Messages already handed to us are still processed below; waiting for more
-            // stops as soon as shutdown is triggered.
-            let next = tokio::select! {
-                n = batch.next() => n,
-                _ = shutdown.wait() => {
-                    release_buffered(&mut batch).await;
-                    None
-                }
-            };
-            let Some(next) = next else { break };
-            let msg = match next {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(consumer = %spec.durable, error = %e, "batch ended");
-                    break;
-                }
-            };
-            if shutdown.is_triggered() {
-                // Hand the message back at once so another instance can take it.
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                continue;
-            }
-            handle_one(&js, &spec, &handler, msg, &mut stats).await;
-        }
+        handle_one(&js, &spec, &handler, msg, &mut stats).await;
     }
+    release_buffered(&mut messages).await;
     advisories.abort();
     Ok(stats)
 }
 
-/// Naks (without delay) the messages of a batch that already reached this process, so that
+/// Naks (without delay) the messages that already reached this process, so that
 /// another instance gets them at once instead of after `ack_wait`.
-async fn release_buffered(batch: &mut async_nats::jetstream::consumer::pull::Batch) {
+async fn release_buffered(messages: &mut async_nats::jetstream::consumer::pull::Stream) {
     while let Ok(Some(Ok(msg))) =
-        tokio::time::timeout(Duration::from_millis(20), batch.next()).await
+        tokio::time::timeout(Duration::from_millis(20), messages.next()).await
     {
         let _ = msg.ack_with(AckKind::Nak(None)).await;
     }

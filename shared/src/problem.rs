@@ -19,32 +19,55 @@ pub struct ItemErrors {
     pub errors: Vec<FieldError>,
 }
 
-/// An API error.
-#[derive(Debug, Clone, Serialize)]
+/// An API error. `type` and `title` are derived from `code` and `status` when it is sent.
+#[derive(Debug, Clone)]
 pub struct Problem {
-    #[serde(rename = "type")]
-    pub type_uri: String,
-    pub title: &'static str,
     pub status: u16,
     pub code: &'static str,
     pub detail: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
-    #[serde(rename = "invalidItems", skip_serializing_if = "Vec::is_empty")]
     pub invalid_items: Vec<ItemErrors>,
+}
+
+/// The wire form (RFC 9457 members plus inkwire's extensions).
+#[derive(Serialize)]
+struct ProblemDocument<'a> {
+    #[serde(rename = "type")]
+    type_uri: String,
+    title: &'static str,
+    status: u16,
+    code: &'a str,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [FieldError],
+    #[serde(rename = "invalidItems", skip_serializing_if = "<[_]>::is_empty")]
+    invalid_items: &'a [ItemErrors],
 }
 
 impl Problem {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         Problem {
-            type_uri: format!("{PROBLEM_BASE}{code}"),
-            title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             code,
             detail: detail.into(),
             errors: Vec::new(),
             invalid_items: Vec::new(),
         }
+    }
+
+    /// The RFC 9457 document.
+    pub fn to_json(&self) -> serde_json::Value {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        serde_json::to_value(ProblemDocument {
+            type_uri: format!("{PROBLEM_BASE}{}", self.code),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: self.status,
+            code: self.code,
+            detail: &self.detail,
+            errors: &self.errors,
+            invalid_items: &self.invalid_items,
+        })
+        .expect("problem serializes")
     }
 
     /// 400 with the failing fields of one document.
@@ -123,7 +146,7 @@ impl std::fmt::Display for Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let body = serde_json::to_vec(&self.to_json()).unwrap_or_default();
         let mut res = (status, body).into_response();
         res.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -150,6 +150,11 @@ impl Schemas {
             .validators
             .get(path)
             .unwrap_or_else(|| panic!("schema {path} is not embedded"));
+        // The boolean check short-circuits and allocates nothing: most input is valid, and
+        // collecting every error is only worth its cost when there are errors to report.
+        if validator.is_valid(instance) {
+            return Ok(());
+        }
         let errors: Vec<FieldError> = validator
             .iter_errors(instance)
             .map(to_field_error)

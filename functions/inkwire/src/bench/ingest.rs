@@ -23,6 +23,7 @@ use inkwire_shared::membership::{self, ProjectRole};
 use inkwire_shared::{AppState, http};
 use serde_json::{Value, json};
 
+use super::load_client::LoadClient;
 use super::report::{Progress, ScenarioResult, percentiles, print};
 
 #[derive(Args)]
@@ -103,7 +104,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let token = state.jwt.issue(USER, &[], Duration::from_secs(3600));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let addr = listener.local_addr()?.to_string();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve_on(
         listener,
@@ -122,21 +123,10 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let baseline = bench_baseline(&js, args.events, args.window).await?;
     let base_rate = baseline.events_per_sec;
     let mut results = vec![finish(baseline, base_rate)];
-    let http_client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
-    let single = bench_single(
-        &http_client,
-        &base,
-        &token,
-        args.single_events,
-        args.connections,
-    )
-    .await?;
+    let single = bench_single(&addr, &token, args.single_events, args.connections).await?;
     results.push(finish(single, base_rate));
     let batch = bench_batch(
-        &http_client,
-        &base,
+        &addr,
         &token,
         args.events,
         args.batch_size,
@@ -239,47 +229,40 @@ async fn bench_baseline(
     ))
 }
 
-async fn bench_single(
-    client: &reqwest::Client,
-    base: &str,
+/// Runs `connections` workers, each with its own kept-alive connection, that POST bodies
+/// made by `body_for(n)` for n in 0..requests; returns the per-request latencies.
+async fn drive(
+    addr: &str,
     token: &str,
-    events: u64,
+    path: &'static str,
+    requests: u64,
     connections: usize,
-) -> anyhow::Result<ScenarioResult> {
-    let url = format!("{base}/api/realtime/events/publish");
-    let progress = Progress::start("http single", events);
+    events_per_request: u64,
+    progress: &Progress,
+    body_for: fn(u64, u64) -> anyhow::Result<Vec<u8>>,
+) -> anyhow::Result<Vec<Duration>> {
     let next = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let (client, url, token, next, done) = (
-            client.clone(),
-            url.clone(),
-            token.to_string(),
-            next.clone(),
-            progress.done.clone(),
-        );
+        let (next, done) = (next.clone(), progress.done.clone());
+        let mut client = LoadClient::connect(addr, token).await?;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= events {
+                if n >= requests {
                     break;
                 }
-                let body = serde_json::to_vec(&envelope(n))?;
+                let body = body_for(n, events_per_request)?;
                 let t = Instant::now();
-                let res = client
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                let status = res.status();
-                let _ = res.bytes().await?;
-                anyhow::ensure!(status.as_u16() == 202, "publish answered {status}");
+                let (status, answer) = client.post_json(path, body).await?;
+                anyhow::ensure!(
+                    status == 202,
+                    "{path} answered {status}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
                 latencies.push(t.elapsed());
-                done.fetch_add(1, Ordering::Relaxed);
+                done.fetch_add(events_per_request, Ordering::Relaxed);
             }
             Ok::<_, anyhow::Error>(latencies)
         }));
@@ -288,6 +271,28 @@ async fn bench_single(
     for t in tasks {
         latencies.extend(t.await??);
     }
+    Ok(latencies)
+}
+
+async fn bench_single(
+    addr: &str,
+    token: &str,
+    events: u64,
+    connections: usize,
+) -> anyhow::Result<ScenarioResult> {
+    let progress = Progress::start("http single", events);
+    let start = Instant::now();
+    let latencies = drive(
+        addr,
+        token,
+        "/api/realtime/events/publish",
+        events,
+        connections,
+        1,
+        &progress,
+        |n, _| Ok(serde_json::to_vec(&envelope(n))?),
+    )
+    .await?;
     let elapsed = start.elapsed();
     progress.finish();
     Ok(result(
@@ -300,64 +305,35 @@ async fn bench_single(
 }
 
 async fn bench_batch(
-    client: &reqwest::Client,
-    base: &str,
+    addr: &str,
     token: &str,
     events: u64,
     batch_size: usize,
     connections: usize,
 ) -> anyhow::Result<ScenarioResult> {
-    let url = format!("{base}/api/realtime/events/batch");
-    let batches = events.div_ceil(batch_size as u64);
-    let progress = Progress::start("http batch", batches * batch_size as u64);
-    let next = Arc::new(AtomicU64::new(0));
+    let size = batch_size as u64;
+    let batches = events.div_ceil(size);
+    let progress = Progress::start("http batch", batches * size);
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (client, url, token, next, done) = (
-            client.clone(),
-            url.clone(),
-            token.to_string(),
-            next.clone(),
-            progress.done.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= batches {
-                    break;
-                }
-                let items: Vec<Value> = (0..batch_size as u64)
-                    .map(|i| envelope(b * batch_size as u64 + i))
-                    .collect();
-                let body = serde_json::to_vec(&json!({ "events": items }))?;
-                let t = Instant::now();
-                let res = client
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                let status = res.status();
-                let _ = res.bytes().await?;
-                anyhow::ensure!(status.as_u16() == 202, "batch answered {status}");
-                latencies.push(t.elapsed());
-                done.fetch_add(batch_size as u64, Ordering::Relaxed);
-            }
-            Ok::<_, anyhow::Error>(latencies)
-        }));
-    }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await??);
-    }
+    let latencies = drive(
+        addr,
+        token,
+        "/api/realtime/events/batch",
+        batches,
+        connections,
+        size,
+        &progress,
+        |b, size| {
+            let items: Vec<Value> = (0..size).map(|i| envelope(b * size + i)).collect();
+            Ok(serde_json::to_vec(&json!({ "events": items }))?)
+        },
+    )
+    .await?;
     let elapsed = start.elapsed();
     progress.finish();
     Ok(result(
         format!("http batch: POST /events/batch ×{batch_size}"),
-        batches * batch_size as u64,
+        batches * size,
         elapsed,
         latencies,
         format!("{connections} connections; latency is per {batch_size}-event request"),

@@ -3,6 +3,7 @@
 //! machines) are noisy.
 
 mod ingest;
+mod load_client;
 mod report;
 
 use clap::Subcommand;
