@@ -229,18 +229,30 @@ async fn bench_baseline(
     ))
 }
 
-/// Runs `connections` workers, each with its own kept-alive connection, that POST bodies
-/// made by `body_for(n)` for n in 0..requests; returns the per-request latencies.
-async fn drive(
-    addr: &str,
-    token: &str,
+/// A closed-loop HTTP load: `connections` workers, each with its own kept-alive connection,
+/// POST the bodies `body_for(n, events_per_request)` for n in 0..requests.
+struct Load {
     path: &'static str,
     requests: u64,
     connections: usize,
     events_per_request: u64,
-    progress: &Progress,
     body_for: fn(u64, u64) -> anyhow::Result<Vec<u8>>,
+}
+
+/// Runs `load` and returns the per-request latencies.
+async fn drive(
+    addr: &str,
+    token: &str,
+    load: Load,
+    progress: &Progress,
 ) -> anyhow::Result<Vec<Duration>> {
+    let Load {
+        path,
+        requests,
+        connections,
+        events_per_request,
+        body_for,
+    } = load;
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..connections {
@@ -285,12 +297,14 @@ async fn bench_single(
     let latencies = drive(
         addr,
         token,
-        "/api/realtime/events/publish",
-        events,
-        connections,
-        1,
+        Load {
+            path: "/api/realtime/events/publish",
+            requests: events,
+            connections,
+            events_per_request: 1,
+            body_for: |n, _| Ok(serde_json::to_vec(&envelope(n))?),
+        },
         &progress,
-        |n, _| Ok(serde_json::to_vec(&envelope(n))?),
     )
     .await?;
     let elapsed = start.elapsed();
@@ -318,15 +332,17 @@ async fn bench_batch(
     let latencies = drive(
         addr,
         token,
-        "/api/realtime/events/batch",
-        batches,
-        connections,
-        size,
-        &progress,
-        |b, size| {
-            let items: Vec<Value> = (0..size).map(|i| envelope(b * size + i)).collect();
-            Ok(serde_json::to_vec(&json!({ "events": items }))?)
+        Load {
+            path: "/api/realtime/events/batch",
+            requests: batches,
+            connections,
+            events_per_request: size,
+            body_for: |b, size| {
+                let items: Vec<Value> = (0..size).map(|i| envelope(b * size + i)).collect();
+                Ok(serde_json::to_vec(&json!({ "events": items }))?)
+            },
         },
+        &progress,
     )
     .await?;
     let elapsed = start.elapsed();
