@@ -31,6 +31,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// How many JetStream publish acks may be outstanding while publishing a batch.
     pub publish_window: usize,
+    /// How long the RELAY stream keeps channel messages for recovery.
+    pub relay_retention: Duration,
+    /// How many messages per channel the RELAY stream keeps.
+    pub relay_history_per_channel: i64,
 }
 
 impl fmt::Debug for Config {
@@ -46,6 +50,8 @@ impl fmt::Debug for Config {
             .field("memory_storage", &self.memory_storage)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("publish_window", &self.publish_window)
+            .field("relay_retention", &self.relay_retention)
+            .field("relay_history_per_channel", &self.relay_history_per_channel)
             .finish()
     }
 }
@@ -81,6 +87,8 @@ impl Default for Config {
             memory_storage: false,
             max_body_bytes: 4 * 1024 * 1024,
             publish_window: 256,
+            relay_retention: Duration::from_secs(600),
+            relay_history_per_channel: 1000,
         }
     }
 }
@@ -162,6 +170,19 @@ impl Config {
                 name: "INKWIRE_PUBLISH_WINDOW",
                 problem,
             })?;
+        }
+        if let Some(v) = get("INKWIRE_RELAY_RETENTION") {
+            c.relay_retention = parse_duration(&v).map_err(|problem| ConfigError {
+                name: "INKWIRE_RELAY_RETENTION",
+                problem,
+            })?;
+        }
+        if let Some(v) = get("INKWIRE_RELAY_HISTORY") {
+            c.relay_history_per_channel =
+                parse_in_range(&v, 1, 1_000_000).map_err(|problem| ConfigError {
+                    name: "INKWIRE_RELAY_HISTORY",
+                    problem,
+                })? as i64;
         }
         if c.duplicate_window > c.event_retention {
             return Err(ConfigError {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRef, FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -21,11 +21,15 @@ use crate::state::AppState;
 /// Schema validation is the handler's job, because the schema depends on the route.
 pub struct JsonBody(pub Value);
 
-impl FromRequest<AppState> for JsonBody {
+impl<S> FromRequest<S> for JsonBody
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
     type Rejection = Problem;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Problem> {
-        let limit = state.config.max_body_bytes;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Problem> {
+        let limit = AppState::from_ref(state).config.max_body_bytes;
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -78,13 +82,21 @@ impl FromRequest<AppState> for JsonBody {
 }
 
 /// `/healthz` (the process is up) and `/readyz` (NATS and Redis answer). Both are public.
-pub fn health_routes() -> Router<AppState> {
+pub fn health_routes<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    AppState: FromRef<S>,
+{
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
 }
 
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+async fn readyz<S>(State(state): State<S>) -> impl IntoResponse
+where
+    AppState: FromRef<S>,
+{
+    let state = AppState::from_ref(&state);
     let nats_ok = matches!(
         state.nats.connection_state(),
         async_nats::connection::State::Connected
@@ -106,7 +118,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Adds problem+json answers for unknown routes and wrong methods.
-pub fn with_fallbacks(router: Router<AppState>) -> Router<AppState> {
+pub fn with_fallbacks<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
     router
         .fallback(|req: Request<Body>| async move {
             Problem::not_found(format!(

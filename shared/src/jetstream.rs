@@ -61,6 +61,30 @@ pub fn desired_streams(config: &Config) -> Vec<stream::Config> {
         })
         .collect();
     streams.push(stream::Config {
+        name: crate::channels::RELAY_STREAM.to_string(),
+        description: Some(
+            "inkwire relay: recent channel messages, republished live with their sequence".into(),
+        ),
+        subjects: vec![format!("{}.>", crate::channels::RELAY_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: config.relay_retention,
+        max_messages_per_subject: config.relay_history_per_channel,
+        duplicate_window: config.duplicate_window.min(config.relay_retention),
+        storage,
+        num_replicas: config.replicas,
+        allow_direct: true,
+        republish: Some(stream::Republish {
+            source: format!("{}.>", crate::channels::RELAY_PREFIX),
+            destination: format!(
+                "{}.{}.>",
+                crate::channels::LIVE_PREFIX,
+                crate::channels::RELAY_PREFIX
+            ),
+            headers_only: false,
+        }),
+        ..Default::default()
+    });
+    streams.push(stream::Config {
         name: subjects::DLQ_STREAM.to_string(),
         description: Some("inkwire dead letters: messages consumers gave up on".into()),
         subjects: vec![format!("{}.>", subjects::DLQ_PREFIX)],

@@ -4,6 +4,7 @@
 //! axum `Router` on AWS Lambda or on a local address.
 
 pub mod auth;
+pub mod channels;
 pub mod config;
 pub mod consumer;
 pub mod events;

@@ -4,26 +4,66 @@
 
 use std::time::Duration;
 
+use inkwire_relay::RelayConfig;
 use inkwire_shared::auth::{Claims, GlobalRole, unix_now};
 use inkwire_shared::config::Config;
+use inkwire_shared::consumer::ShutdownTrigger;
 use inkwire_shared::local_servers::{LocalServers, Persistence};
 use inkwire_shared::membership::{self, ProjectRole};
 use inkwire_shared::{AppState, http};
+
+pub mod ws;
 use reqwest::StatusCode;
 use serde_json::Value;
+pub use ws::{Ended, WsClient, ws_url};
 
 pub use serde_json::json;
 
-/// Real servers plus the events API, for one test.
+/// Real servers plus every function (events API, relay, router) on one address, for one
+/// test.
 pub struct TestEnv {
     pub state: AppState,
     pub base: String,
     pub http: reqwest::Client,
     pub nats_url: String,
     pub redis_url: String,
+    pub relay: inkwire_relay::Relay,
+    pub shutdown: ShutdownTrigger,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     servers: Option<LocalServers>,
     _dir: tempfile::TempDir,
+}
+
+/// Another instance of the functions (a second relay) against the same NATS and Redis.
+pub struct Instance {
+    pub base: String,
+    pub relay: inkwire_relay::Relay,
+    pub shutdown: ShutdownTrigger,
+}
+
+async fn serve_instance(
+    state: AppState,
+    relay_config: RelayConfig,
+) -> (
+    String,
+    inkwire_relay::Relay,
+    ShutdownTrigger,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let running = inkwire::start(state, relay_config, shutdown)
+        .await
+        .expect("start functions");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let relay = running.relay.clone();
+    tokio::spawn(http::serve_on(listener, running.router.clone(), async {
+        let _ = rx.await;
+    }));
+    (base, relay, trigger, tx)
 }
 
 impl TestEnv {
@@ -33,6 +73,14 @@ impl TestEnv {
 
     /// Starts with the default configuration changed by `tweak`.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestEnv {
+        Self::start_full(tweak, |_| {}).await
+    }
+
+    /// Starts with changed configuration and relay settings.
+    pub async fn start_full(
+        tweak: impl FnOnce(&mut Config),
+        relay_tweak: impl FnOnce(&mut RelayConfig),
+    ) -> TestEnv {
         let dir = tempfile::tempdir().expect("temporary directory");
         let servers = match LocalServers::start(dir.path(), Persistence::Scratch).await {
             Ok(s) => s,
@@ -47,18 +95,14 @@ impl TestEnv {
         let state = AppState::connect(config, "inkwire-test")
             .await
             .expect("connect to test servers");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let app = inkwire_events::app(state.clone());
-        tokio::spawn(http::serve_on(listener, app, async {
-            let _ = rx.await;
-        }));
+        let mut relay_config = RelayConfig::default();
+        relay_tweak(&mut relay_config);
+        let (base, relay, shutdown, tx) = serve_instance(state.clone(), relay_config).await;
         TestEnv {
             state,
             base,
+            relay,
+            shutdown,
             http: reqwest::Client::new(),
             nats_url: servers.nats_url.clone(),
             redis_url: servers.redis_url.clone(),
@@ -66,6 +110,28 @@ impl TestEnv {
             servers: Some(servers),
             _dir: dir,
         }
+    }
+
+    /// A second instance of every function against the same servers.
+    pub async fn second_instance(&self, relay_tweak: impl FnOnce(&mut RelayConfig)) -> Instance {
+        let config = (*self.state.config).clone();
+        let state = AppState::connect(config, "inkwire-test-2")
+            .await
+            .expect("connect second instance");
+        let mut relay_config = RelayConfig::default();
+        relay_tweak(&mut relay_config);
+        let (base, relay, shutdown, tx) = serve_instance(state, relay_config).await;
+        std::mem::forget(tx); // served until the test ends
+        Instance {
+            base,
+            relay,
+            shutdown,
+        }
+    }
+
+    /// `ws://…/ws/<path>?token=…`
+    pub fn ws_url(&self, path: &str, token: &str) -> String {
+        ws_url(&self.base, path, token)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -8,8 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use inkwire_relay::RelayConfig;
 use inkwire_shared::auth::GlobalRole;
 use inkwire_shared::config::Config;
+use inkwire_shared::consumer::ShutdownTrigger;
 use inkwire_shared::local_servers::{LocalServers, Persistence};
 use inkwire_shared::{AppState, http};
 
@@ -59,6 +61,12 @@ pub async fn run(addr: SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
     println!(
         "  API        http://{addr}/api/realtime/events/publish  (and the routes in README.md)"
     );
+    println!(
+        "  relay      ws://{addr}/ws/collaboration  (also /ws/analytics, /ws/notifications, /ws/presence)"
+    );
+    println!(
+        "  relay      ws://{addr}/ws/collaboration  (also /ws/analytics, /ws/notifications, /ws/presence)"
+    );
     println!("  health     http://{addr}/healthz   readiness http://{addr}/readyz");
     println!(
         "  NATS       {}",
@@ -72,13 +80,25 @@ pub async fn run(addr: SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
     println!("  user token for dev-user (24 h): {user_token}");
     println!("Press Ctrl-C to stop.");
 
-    let served = http::serve_on(
-        listener,
-        crate::all_functions(state),
-        http::shutdown_signal(),
-    )
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let running = match inkwire::start(state, RelayConfig::from_env()?, shutdown).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(s) = servers {
+                s.stop().await;
+            }
+            return Err(e);
+        }
+    };
+    let served = http::serve_on(listener, running.router.clone(), async move {
+        http::shutdown_signal().await;
+        println!("stopping...");
+        // WebSockets get "going away" before the HTTP server stops.
+        trigger.trigger();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    })
     .await;
-    println!("stopping...");
+    running.finished().await;
     if let Some(s) = servers {
         s.stop().await;
     }

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use inkwire_relay::RelayConfig;
 use inkwire_shared::auth::{GlobalRole, JwtKeys};
 use inkwire_shared::config::{Config, parse_duration};
+use inkwire_shared::consumer::ShutdownTrigger;
 use inkwire_shared::{AppState, http, telemetry};
 
 #[derive(Parser)]
@@ -65,11 +67,6 @@ enum Command {
     },
 }
 
-/// Every function's routes, on one router: what `dev` and `serve` expose.
-pub fn all_functions(state: AppState) -> axum::Router {
-    inkwire_events::app(state)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -83,7 +80,17 @@ async fn main() -> anyhow::Result<()> {
             let config = Config::from_env()?;
             let addr = addr.unwrap_or(config.http_addr);
             let state = AppState::connect(config, "inkwire").await?;
-            http::serve(all_functions(state), addr, http::shutdown_signal()).await
+            let (trigger, shutdown) = ShutdownTrigger::new();
+            let running = inkwire::start(state, RelayConfig::from_env()?, shutdown).await?;
+            let served = http::serve(running.router.clone(), addr, async move {
+                http::shutdown_signal().await;
+                // WebSockets get "going away" before the HTTP server stops.
+                trigger.trigger();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            })
+            .await;
+            running.finished().await;
+            served
         }
         Command::Token { user, role, ttl } => {
             let config = Config::from_env()?;

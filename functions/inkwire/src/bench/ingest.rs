@@ -106,13 +106,16 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve_on(
-        listener,
-        crate::all_functions(state.clone()),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
+    let running = inkwire::start(
+        state.clone(),
+        inkwire_relay::RelayConfig::default(),
+        shutdown,
+    )
+    .await?;
+    let server = tokio::spawn(http::serve_on(listener, running.router.clone(), async {
+        let _ = stop_rx.await;
+    }));
 
     // The baseline publisher has its own connection, as an application would.
     let client =
@@ -138,6 +141,8 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
 
     let _ = stop_tx.send(());
     let _ = server.await;
+    trigger.trigger();
+    running.finished().await;
     if let Some(s) = servers {
         s.stop().await;
     }

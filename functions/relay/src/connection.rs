@@ -1,0 +1,430 @@
+//! One WebSocket connection: the upgrade (authenticated before it happens), then a single
+//! task that reads client frames, writes queued frames, sends heartbeats and enforces the
+//! limits (rate, frame size, send queue, token expiry).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use inkwire_shared::auth::{Caller, unix_now};
+use inkwire_shared::channels::Channel;
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc};
+
+use crate::Relay;
+use crate::hub::{Outbound, Peer};
+use crate::permissions::{self, Access, WsPath};
+use crate::protocol::{ClientFrame, ServerFrame, close, codes, parse_client_frame};
+use crate::rate_limit::TokenBucket;
+
+/// Frames dropped by the rate limit before the connection is closed.
+const RATE_ABUSE_LIMIT: u32 = 200;
+/// Malformed frames before the connection is closed.
+const BAD_FRAME_LIMIT: u32 = 20;
+/// Queued frames written per flush.
+const WRITE_BATCH: usize = 64;
+
+struct Conn {
+    relay: Relay,
+    caller: Caller,
+    path: WsPath,
+    id: u64,
+    connection_id: String,
+    tx: mpsc::Sender<Outbound>,
+    too_slow: Arc<Notify>,
+    sink: SplitSink<WebSocket, Message>,
+    channels: HashSet<Channel>,
+    bad_frames: u32,
+    rate_dropped: u32,
+}
+
+/// Why the loop ended: the close frame to send, if any.
+type Ending = Option<(u16, &'static str)>;
+
+pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) {
+    let id = relay.next_connection_id();
+    let (sink, stream) = socket.split();
+    let (tx, rx) = mpsc::channel(relay.config.send_queue);
+    let connection_id = format!("{}-{id}", relay.instance_id);
+    let mut conn = Conn {
+        relay: relay.clone(),
+        caller,
+        path,
+        id,
+        connection_id,
+        tx,
+        too_slow: Arc::new(Notify::new()),
+        sink,
+        channels: HashSet::new(),
+        bad_frames: 0,
+        rate_dropped: 0,
+    };
+    relay.metrics.connection_opened(path);
+    let mut stream = stream;
+    let ending = conn.serve(&mut stream, rx).await;
+    if let Some((code, reason)) = ending {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.sink.send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }))),
+        )
+        .await;
+        // The closing handshake: wait (briefly) for the client's close frame, so the close
+        // frame is read before the TCP connection goes away.
+        if matches!(sent, Ok(Ok(()))) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some(Ok(m)) = stream.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.sink.close()).await;
+    for channel in std::mem::take(&mut conn.channels) {
+        relay.hub.leave(&channel, conn.id).await;
+    }
+    relay.metrics.connection_closed(path);
+    relay.release_user(&conn.caller.user_id);
+}
+
+impl Conn {
+    fn peer(&self) -> Peer {
+        Peer {
+            id: self.id,
+            tx: self.tx.clone(),
+            too_slow: self.too_slow.clone(),
+        }
+    }
+
+    async fn send_text(&mut self, text: String) -> bool {
+        self.relay
+            .metrics
+            .frames_out
+            .fetch_add(1, Ordering::Relaxed);
+        self.sink.send(Message::Text(text.into())).await.is_ok()
+    }
+
+    async fn send_error(&mut self, code: &str, message: &str, reference: Option<&Value>) -> bool {
+        let text = ServerFrame::Error {
+            code,
+            message,
+            reference,
+        }
+        .to_text();
+        self.send_text(text).await
+    }
+
+    async fn serve(
+        &mut self,
+        stream: &mut SplitStream<WebSocket>,
+        mut rx: mpsc::Receiver<Outbound>,
+    ) -> Ending {
+        let config = self.relay.config.clone();
+        let welcome = ServerFrame::Welcome {
+            connection_id: &self.connection_id,
+            user_id: &self.caller.user_id,
+            heartbeat_ms: config.heartbeat.as_millis() as u64,
+        }
+        .to_text();
+        if !self.send_text(welcome).await {
+            return None;
+        }
+        for channel in self.path.default_channels(&self.caller) {
+            if !self.subscribe(channel.to_string(), None, None).await {
+                return None;
+            }
+        }
+
+        let mut bucket = TokenBucket::new(config.rate_per_sec, config.rate_burst);
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + config.heartbeat,
+            config.heartbeat,
+        );
+        let mut unanswered = 0u32;
+        let expires_in = Duration::from_secs(self.caller.expires_at.saturating_sub(unix_now()));
+        let expiry = tokio::time::sleep(expires_in);
+        tokio::pin!(expiry);
+        let mut shutdown = self.relay.shutdown.clone();
+        let too_slow = self.too_slow.clone();
+
+        loop {
+            tokio::select! {
+                biased;
+                _ = too_slow.notified() => {
+                    self.relay.metrics.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                    return Some((close::TOO_SLOW, "send queue full: the client does not read fast enough"));
+                }
+                _ = shutdown.wait() => return Some((close::GOING_AWAY, "server shutting down; reconnect with since")),
+                _ = &mut expiry => return Some((close::TOKEN_EXPIRED, "token expired")),
+                _ = heartbeat.tick() => {
+                    if unanswered >= 2 {
+                        self.relay.metrics.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
+                        return Some((close::HEARTBEAT_TIMEOUT, "no answer to two heartbeats"));
+                    }
+                    unanswered += 1;
+                    if self.sink.send(Message::Ping(Default::default())).await.is_err() {
+                        return None;
+                    }
+                }
+                out = rx.recv() => {
+                    let Some(Outbound::Frame(first)) = out else { return None };
+                    if !self.write_batch(first, &mut rx).await {
+                        return None;
+                    }
+                }
+                incoming = stream.next() => {
+                    let msg = match incoming {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            let text = e.to_string();
+                            if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Message too big") || text.contains("capacity") {
+                                return Some((close::MESSAGE_TOO_BIG, "frame larger than the maximum frame size"));
+                            }
+                            return None;
+                        }
+                        None => return None,
+                    };
+                    // Any frame proves the client is alive.
+                    unanswered = 0;
+                    match msg {
+                        Message::Text(text) => {
+                            self.relay.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                            if !bucket.try_take() {
+                                self.relay.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                                self.rate_dropped += 1;
+                                if self.rate_dropped > RATE_ABUSE_LIMIT {
+                                    return Some((close::RATE_LIMIT_ABUSE, "too many frames after being rate limited"));
+                                }
+                                // One error per burst is enough; the rest are dropped silently.
+                                if self.rate_dropped == 1 || self.rate_dropped.is_multiple_of(50) {
+                                    let message = format!("more than {} frames per second; frames are being dropped", config.rate_per_sec);
+                                    if !self.send_error(codes::RATE_LIMITED, &message, None).await {
+                                        return None;
+                                    }
+                                }
+                                continue;
+                            }
+                            if let Some(ending) = self.handle_text(&text).await {
+                                return ending;
+                            }
+                        }
+                        Message::Binary(_) => {
+                            if let Some(ending) = self.bad_frame("binary frames are not part of the protocol; send JSON text", None).await {
+                                return ending;
+                            }
+                        }
+                        Message::Ping(_) | Message::Pong(_) => {}
+                        Message::Close(_) => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch) with one flush.
+    async fn write_batch(&mut self, first: Utf8Bytes, rx: &mut mpsc::Receiver<Outbound>) -> bool {
+        let mut n = 1u64;
+        if self.sink.feed(Message::Text(first)).await.is_err() {
+            return false;
+        }
+        while (n as usize) < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(Outbound::Frame(f)) => {
+                    if self.sink.feed(Message::Text(f)).await.is_err() {
+                        return false;
+                    }
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        self.relay
+            .metrics
+            .frames_out
+            .fetch_add(n, Ordering::Relaxed);
+        self.sink.flush().await.is_ok()
+    }
+
+    async fn bad_frame(&mut self, message: &str, reference: Option<&Value>) -> Option<Ending> {
+        self.relay
+            .metrics
+            .bad_frames
+            .fetch_add(1, Ordering::Relaxed);
+        self.bad_frames += 1;
+        if self.bad_frames > BAD_FRAME_LIMIT {
+            return Some(Some((close::POLICY_VIOLATION, "too many malformed frames")));
+        }
+        if !self.send_error(codes::BAD_FRAME, message, reference).await {
+            return Some(None);
+        }
+        None
+    }
+
+    /// Handles one text frame; `Some(ending)` ends the connection.
+    async fn handle_text(&mut self, text: &str) -> Option<Ending> {
+        let frame = match parse_client_frame(text) {
+            Ok(f) => f,
+            Err(e) => return self.bad_frame(&e.message, e.reference.as_ref()).await,
+        };
+        let ok = match frame {
+            ClientFrame::Ping { reference } => {
+                let text = ServerFrame::Pong {
+                    reference: reference.as_ref(),
+                }
+                .to_text();
+                self.send_text(text).await
+            }
+            ClientFrame::Subscribe {
+                channel,
+                since,
+                reference,
+            } => self.subscribe(channel, since, reference.as_ref()).await,
+            ClientFrame::Unsubscribe { channel, reference } => {
+                self.unsubscribe(channel, reference.as_ref()).await
+            }
+        };
+        if ok { None } else { Some(None) }
+    }
+
+    async fn unsubscribe(&mut self, name: String, reference: Option<&Value>) -> bool {
+        let channel = match Channel::parse(&name) {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .send_error(codes::UNKNOWN_CHANNEL, &e.to_string(), reference)
+                    .await;
+            }
+        };
+        if !self.channels.remove(&channel) {
+            return self
+                .send_error(
+                    codes::NOT_SUBSCRIBED,
+                    &format!("not subscribed to {name}"),
+                    reference,
+                )
+                .await;
+        }
+        self.relay.hub.leave(&channel, self.id).await;
+        let text = ServerFrame::Unsubscribed {
+            channel: &name,
+            reference,
+        }
+        .to_text();
+        self.send_text(text).await
+    }
+
+    /// Checks and performs a subscription; returns false when the connection broke.
+    async fn subscribe(
+        &mut self,
+        name: String,
+        since: Option<u64>,
+        reference: Option<&Value>,
+    ) -> bool {
+        let channel = match Channel::parse(&name) {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .send_error(codes::UNKNOWN_CHANNEL, &e.to_string(), reference)
+                    .await;
+            }
+        };
+        if !self.path.allows(channel.kind) {
+            let message = format!(
+                "{} channels are not served on {}",
+                channel.kind.as_str(),
+                self.path.route()
+            );
+            return self
+                .send_error(codes::CHANNEL_NOT_ALLOWED_ON_PATH, &message, reference)
+                .await;
+        }
+        if self.channels.contains(&channel) {
+            return self
+                .send_error(
+                    codes::ALREADY_SUBSCRIBED,
+                    &format!("already subscribed to {channel}"),
+                    reference,
+                )
+                .await;
+        }
+        if self.channels.len() >= self.relay.config.max_subscriptions {
+            let message = format!(
+                "at most {} subscriptions per connection",
+                self.relay.config.max_subscriptions
+            );
+            return self
+                .send_error(codes::TOO_MANY_SUBSCRIPTIONS, &message, reference)
+                .await;
+        }
+        let mut redis = self.relay.app.redis.clone();
+        match permissions::check(&self.caller, &channel, &mut redis).await {
+            Ok(Access::Granted) => {}
+            Ok(Access::Denied(why)) => {
+                self.relay.metrics.denied.fetch_add(1, Ordering::Relaxed);
+                return self.send_error(codes::FORBIDDEN, &why, reference).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "permission check failed");
+                return self
+                    .send_error(
+                        codes::UNAVAILABLE,
+                        "permission check unavailable; retry",
+                        reference,
+                    )
+                    .await;
+            }
+        }
+        let joined = match self.relay.hub.join(&channel, self.peer(), since).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, %channel, "join failed");
+                self.relay.hub.leave(&channel, self.id).await;
+                return self
+                    .send_error(codes::UNAVAILABLE, "channel unavailable; retry", reference)
+                    .await;
+            }
+        };
+        self.channels.insert(channel.clone());
+        let subscribed = ServerFrame::Subscribed {
+            channel: &name,
+            position: joined.position,
+            recovered: joined.recovered,
+            reference,
+        }
+        .to_text();
+        if !self.send_text(subscribed).await {
+            return false;
+        }
+        // What the client has seen once the history is sent; live messages after it follow.
+        let mut delivered = since.unwrap_or(joined.position).min(joined.position);
+        for (seq, frame) in joined.history {
+            if self.sink.feed(Message::Text(frame)).await.is_err() {
+                return false;
+            }
+            self.relay
+                .metrics
+                .frames_out
+                .fetch_add(1, Ordering::Relaxed);
+            delivered = delivered.max(seq);
+        }
+        for frame in self.relay.hub.go_live(&channel, self.id, delivered).await {
+            if self.sink.feed(Message::Text(frame)).await.is_err() {
+                return false;
+            }
+            self.relay
+                .metrics
+                .frames_out
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.sink.flush().await.is_ok()
+    }
+}

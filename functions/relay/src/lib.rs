@@ -1,0 +1,319 @@
+//! The WebSocket relay: what every client sees.
+//!
+//! - `/ws/collaboration`, `/ws/analytics`, `/ws/notifications`, `/ws/presence`: one JSON
+//!   protocol (see `protocol` and the README), authenticated before the upgrade;
+//! - fan-out through NATS (`hub`), so any number of relay instances serve the same channels;
+//! - recovery from the RELAY stream (`recovery`);
+//! - the router, a durable consumer that forwards domain events to channels (`router`);
+//! - the server API: stats over all instances, broadcast, send-to-user (`api`), and
+//!   Prometheus metrics at `/metrics`.
+
+pub mod api;
+pub mod connection;
+pub mod hub;
+pub mod metrics;
+pub mod permissions;
+pub mod protocol;
+pub mod rate_limit;
+pub mod recovery;
+pub mod router;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRef, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use inkwire_shared::AppState;
+use inkwire_shared::auth::{AuthError, Caller};
+use inkwire_shared::config::{ConfigError, parse_duration};
+use inkwire_shared::consumer::Shutdown;
+use inkwire_shared::problem::Problem;
+
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::permissions::WsPath;
+
+/// Relay limits and timings, from `INKWIRE_RELAY_*` variables.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub heartbeat: Duration,
+    pub send_queue: usize,
+    pub max_subscriptions: usize,
+    pub max_connections_per_user: usize,
+    pub rate_per_sec: u32,
+    pub rate_burst: u32,
+    pub max_frame_bytes: usize,
+    pub router: router::RouterConfig,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            heartbeat: Duration::from_secs(25),
+            send_queue: 1024,
+            max_subscriptions: 100,
+            max_connections_per_user: 50,
+            rate_per_sec: 50,
+            rate_burst: 100,
+            max_frame_bytes: 64 * 1024,
+            router: router::RouterConfig::default(),
+        }
+    }
+}
+
+impl RelayConfig {
+    pub fn from_env() -> Result<RelayConfig, ConfigError> {
+        let mut c = RelayConfig::default();
+        let num =
+            |name: &'static str, min: usize, max: usize| -> Result<Option<usize>, ConfigError> {
+                match std::env::var(name) {
+                    Err(_) => Ok(None),
+                    Ok(v) => match v.trim().parse::<usize>() {
+                        Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                        _ => Err(ConfigError {
+                            name,
+                            problem: format!("{v:?} is not a whole number in {min}..={max}"),
+                        }),
+                    },
+                }
+            };
+        if let Ok(v) = std::env::var("INKWIRE_RELAY_HEARTBEAT") {
+            c.heartbeat = parse_duration(&v).map_err(|problem| ConfigError {
+                name: "INKWIRE_RELAY_HEARTBEAT",
+                problem,
+            })?;
+        }
+        if let Some(n) = num("INKWIRE_RELAY_SEND_QUEUE", 1, 1 << 20)? {
+            c.send_queue = n;
+        }
+        if let Some(n) = num("INKWIRE_RELAY_MAX_SUBSCRIPTIONS", 1, 10_000)? {
+            c.max_subscriptions = n;
+        }
+        if let Some(n) = num("INKWIRE_RELAY_MAX_CONNECTIONS_PER_USER", 1, 1_000_000)? {
+            c.max_connections_per_user = n;
+        }
+        if let Some(n) = num("INKWIRE_RELAY_RATE", 1, 100_000)? {
+            c.rate_per_sec = n as u32;
+        }
+        if let Some(n) = num("INKWIRE_RELAY_BURST", 1, 100_000)? {
+            c.rate_burst = n as u32;
+        }
+        if let Some(n) = num("INKWIRE_RELAY_MAX_FRAME_BYTES", 256, 16 << 20)? {
+            c.max_frame_bytes = n;
+        }
+        c.router = router::RouterConfig::from_env()?;
+        Ok(c)
+    }
+}
+
+/// Everything the relay's handlers share.
+#[derive(Clone)]
+pub struct Relay {
+    pub app: AppState,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<RelayConfig>,
+    pub instance_id: String,
+    pub shutdown: Shutdown,
+    next_id: Arc<AtomicU64>,
+    connections_per_user: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl FromRef<Relay> for AppState {
+    fn from_ref(relay: &Relay) -> AppState {
+        relay.app.clone()
+    }
+}
+
+impl Relay {
+    pub fn new(app: AppState, config: RelayConfig, shutdown: Shutdown) -> Relay {
+        let metrics = Arc::new(Metrics::default());
+        let hub = Hub::new(
+            app.nats.clone(),
+            app.js.clone(),
+            metrics.clone(),
+            config.send_queue,
+        );
+        let instance_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        Relay {
+            app,
+            hub,
+            metrics,
+            config: Arc::new(config),
+            instance_id,
+            shutdown,
+            next_id: Arc::new(AtomicU64::new(1)),
+            connections_per_user: Arc::default(),
+        }
+    }
+
+    fn next_connection_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Counts a connection of `user`, refusing it over the per-user limit.
+    fn admit_user(&self, user: &str) -> bool {
+        let mut map = self
+            .connections_per_user
+            .lock()
+            .expect("connection count lock");
+        let n = map.entry(user.to_string()).or_default();
+        if *n >= self.config.max_connections_per_user {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release_user(&self, user: &str) {
+        let mut map = self
+            .connections_per_user
+            .lock()
+            .expect("connection count lock");
+        if let Some(n) = map.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(user);
+            }
+        }
+    }
+
+    /// Starts the background parts of this instance: the stats responder. The router runs
+    /// separately (`router::run`), once per deployment or per instance.
+    pub async fn start_background(&self) -> anyhow::Result<()> {
+        api::spawn_stats_responder(self.clone()).await
+    }
+}
+
+/// The relay as a complete service (its own binary): routes, health, problem+json fallbacks.
+pub fn app(relay: Relay) -> Router {
+    let health = inkwire_shared::http::health_routes().with_state(relay.app.clone());
+    inkwire_shared::http::with_fallbacks(routes(relay).merge(health))
+}
+
+/// The relay's routes: the four WebSocket paths, `/metrics`, and the server API (no health
+/// routes or fallbacks, so that `inkwire dev` can merge it with other functions).
+pub fn routes(relay: Relay) -> Router {
+    let mut router = Router::new();
+    for path in WsPath::ALL {
+        router = router.route(
+            path.route(),
+            get(
+                move |state: State<Relay>,
+                      ws: WebSocketUpgrade,
+                      query: Query<HashMap<String, String>>,
+                      headers: HeaderMap| {
+                    upgrade(state, ws, query, headers, path)
+                },
+            ),
+        );
+    }
+    router
+        .route("/metrics", get(metrics_text))
+        .merge(api::routes())
+        .with_state(relay)
+}
+
+/// Cookie that may carry the token for browsers (set it HttpOnly from your app's domain).
+pub const TOKEN_COOKIE: &str = "inkwire_token";
+/// Prefix of a `Sec-WebSocket-Protocol` entry that carries the token.
+pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
+/// The protocol name the relay answers with when the client offers it.
+pub const PROTOCOL: &str = "inkwire.v1";
+
+/// Finds the token: `?token=`, a `bearer.<jwt>` WebSocket subprotocol, the `inkwire_token`
+/// cookie, or an `Authorization: Bearer` header.
+fn find_token(query: &HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
+    if let Some(t) = query.get("token") {
+        return Some(t.clone());
+    }
+    let protocols = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL);
+    for value in protocols.iter().filter_map(|v| v.to_str().ok()) {
+        for entry in value.split(',').map(str::trim) {
+            if let Some(t) = entry.strip_prefix(TOKEN_PROTOCOL_PREFIX) {
+                return Some(t.to_string());
+            }
+        }
+    }
+    for value in headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for pair in value.split(';').map(str::trim) {
+            if let Some(t) = pair
+                .strip_prefix(TOKEN_COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                return Some(t.to_string());
+            }
+        }
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = auth.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+async fn upgrade(
+    State(relay): State<Relay>,
+    ws: WebSocketUpgrade,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    path: WsPath,
+) -> Response {
+    let token = match find_token(&query, &headers) {
+        Some(t) => t,
+        None => return Problem::from(AuthError::Missing).into_response(),
+    };
+    let caller: Caller = match relay.app.jwt.verify(&token) {
+        Ok(c) => c,
+        Err(e) => return Problem::from(e).into_response(),
+    };
+    if relay.shutdown.is_triggered() {
+        return Problem::unavailable("relay is shutting down; connect to another instance")
+            .into_response();
+    }
+    if !relay.admit_user(&caller.user_id) {
+        return Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            format!(
+                "at most {} connections per user",
+                relay.config.max_connections_per_user
+            ),
+        )
+        .into_response();
+    }
+    let max = relay.config.max_frame_bytes;
+    let user = caller.user_id.clone();
+    let relay2 = relay.clone();
+    ws.protocols([PROTOCOL])
+        // Small buffers: most connections are idle most of the time, and memory per idle
+        // connection is what limits how many one instance holds.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max * 4 + 1024 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_failed_upgrade(move |_| relay2.release_user(&user))
+        .on_upgrade(move |socket| connection::run(socket, relay, caller, path))
+}
+
+async fn metrics_text(State(relay): State<Relay>, caller: Caller) -> Response {
+    if !caller.is_privileged() {
+        return Problem::forbidden("metrics need the admin or service role").into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        relay.metrics.render(&relay.instance_id),
+    )
+        .into_response()
+}
