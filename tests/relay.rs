@@ -299,6 +299,19 @@ async fn two_relay_instances_deliver_the_same_messages() {
         Ended::Closed(Some(1001)),
         "going away on shutdown"
     );
+
+    // Bob reconnects to the remaining instance with the last position he saw: he loses
+    // nothing that was published while he was away.
+    let mut missed = Vec::new();
+    for n in 20..25 {
+        missed.push(broadcast(&env, "project:p-1", n).await);
+    }
+    let mut b = WsClient::connect(&env.ws_url("collaboration", &env.token("bob"))).await;
+    let sub = b
+        .subscribe("project:p-1", Some(*seqs.last().unwrap()))
+        .await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_eq!(futures_collect(&mut b, 5).await, missed);
 }
 
 async fn futures_collect(c: &mut WsClient, n: usize) -> Vec<u64> {

@@ -42,6 +42,13 @@ struct Conn {
     rate_dropped: u32,
 }
 
+/// Reasons to end a connection that do not come from the socket.
+enum Stop {
+    TooSlow,
+    Shutdown,
+    Expired,
+}
+
 /// Why the loop ended: the close frame to send, if any.
 type Ending = Option<(u16, &'static str)>;
 
@@ -151,20 +158,33 @@ impl Conn {
         );
         let mut unanswered = 0u32;
         let expires_in = Duration::from_secs(self.caller.expires_at.saturating_sub(unix_now()));
-        let expiry = tokio::time::sleep(expires_in);
-        tokio::pin!(expiry);
         let mut shutdown = self.relay.shutdown.clone();
         let too_slow = self.too_slow.clone();
+        // The rare reasons to stop, combined into one future created once: the loop below
+        // runs for every outbound frame, and re-creating these waiters each time costs more
+        // than the frame itself.
+        let stop = async move {
+            tokio::select! {
+                _ = too_slow.notified() => Stop::TooSlow,
+                _ = shutdown.wait() => Stop::Shutdown,
+                _ = tokio::time::sleep(expires_in) => Stop::Expired,
+            }
+        };
+        tokio::pin!(stop);
 
         loop {
             tokio::select! {
                 biased;
-                _ = too_slow.notified() => {
-                    self.relay.metrics.slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                    return Some((close::TOO_SLOW, "send queue full: the client does not read fast enough"));
+                why = &mut stop => {
+                    return Some(match why {
+                        Stop::TooSlow => {
+                            self.relay.metrics.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                            (close::TOO_SLOW, "send queue full: the client does not read fast enough")
+                        }
+                        Stop::Shutdown => (close::GOING_AWAY, "server shutting down; reconnect with since"),
+                        Stop::Expired => (close::TOKEN_EXPIRED, "token expired"),
+                    });
                 }
-                _ = shutdown.wait() => return Some((close::GOING_AWAY, "server shutting down; reconnect with since")),
-                _ = &mut expiry => return Some((close::TOKEN_EXPIRED, "token expired")),
                 _ = heartbeat.tick() => {
                     if unanswered >= 2 {
                         self.relay.metrics.heartbeat_timeouts.fetch_add(1, Ordering::Relaxed);
