@@ -270,3 +270,58 @@ pub struct PartialPublish {
     pub stored: Vec<Published>,
     pub error: String,
 }
+
+/// A message read back from a stream.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub sequence: u64,
+    pub published: time::OffsetDateTime,
+    pub payload: Bytes,
+}
+
+/// Reads up to `limit` messages of `stream` on `filter_subject`, starting at `start`, with a
+/// short-lived consumer that reads exactly what is pending (so it never waits for messages
+/// that do not exist) and is deleted afterwards.
+pub async fn read_stream(
+    js: &Context,
+    stream: &str,
+    filter_subject: String,
+    start: jetstream::consumer::DeliverPolicy,
+    limit: usize,
+) -> Result<Vec<Stored>, async_nats::Error> {
+    use jetstream::consumer::{AckPolicy, pull};
+    let stream = js.get_stream(stream).await?;
+    let mut consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject,
+            deliver_policy: start,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await?;
+    let name = consumer.cached_info().name.clone();
+    let want = (consumer.info().await?.num_pending as usize).min(limit);
+    let mut out = Vec::with_capacity(want);
+    if want > 0 {
+        let mut batch = consumer
+            .batch()
+            .max_messages(want)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await?;
+        while let Some(msg) = batch.next().await {
+            let msg = msg?;
+            let info = msg.info()?;
+            out.push(Stored {
+                sequence: info.stream_sequence,
+                published: info.published,
+                payload: msg.payload.clone(),
+            });
+        }
+    }
+    // Ephemeral consumers also expire on their own; deleting now keeps the server tidy.
+    let _ = stream.delete_consumer(&name).await;
+    Ok(out)
+}

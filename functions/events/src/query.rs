@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use futures::StreamExt;
 use inkwire_shared::AppState;
 use inkwire_shared::auth::Caller;
 use inkwire_shared::events::Category;
+use inkwire_shared::jetstream::read_stream;
 use inkwire_shared::problem::{Problem, dependency_failed};
 use inkwire_shared::subjects;
 use serde::Serialize;
@@ -166,62 +167,45 @@ pub async fn read_range(
     category: Category,
     q: &RangeQuery,
 ) -> Result<RangePage, async_nats::Error> {
-    let stream = js.get_stream(subjects::event_stream(category)).await?;
     let filter_subject = match &q.event_type {
         Some(t) => subjects::event_subject(category, t),
         None => subjects::event_stream_subjects(category),
     };
-    let deliver_policy = match q.cursor {
+    let start = match q.cursor {
         Some(seq) => DeliverPolicy::ByStartSequence {
             start_sequence: seq,
         },
         None => DeliverPolicy::ByStartTime { start_time: q.from },
     };
-    let mut consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject,
-            deliver_policy,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            memory_storage: true,
-            ..Default::default()
-        })
-        .await?;
-    let name = consumer.cached_info().name.clone();
-    let pending = consumer.info().await?.num_pending as usize;
-    let want = pending.min(q.limit + 1);
-
+    // One more than a page tells whether there is a next page.
+    let stored = read_stream(
+        js,
+        &subjects::event_stream(category),
+        filter_subject,
+        start,
+        q.limit + 1,
+    )
+    .await?;
     let mut events = Vec::new();
     let mut next_cursor = None;
-    if want > 0 {
-        let mut batch = consumer
-            .batch()
-            .max_messages(want)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await?;
-        while let Some(msg) = batch.next().await {
-            let msg = msg?;
-            let info = msg.info()?;
-            let (seq, stored_at) = (info.stream_sequence, info.published);
-            if stored_at >= q.to || (q.cursor.is_some() && stored_at < q.from) {
-                if stored_at >= q.to {
-                    break;
-                }
-                continue;
-            }
-            if events.len() == q.limit {
-                next_cursor = Some(seq.to_string());
-                break;
-            }
-            match serde_json::from_slice::<Value>(&msg.payload) {
-                Ok(v) => events.push(v),
-                Err(e) => tracing::warn!(seq, error = %e, "stored event is not JSON; skipped"),
+    for m in stored {
+        if m.published >= q.to {
+            break;
+        }
+        if m.published < q.from {
+            continue;
+        }
+        if events.len() == q.limit {
+            next_cursor = Some(m.sequence.to_string());
+            break;
+        }
+        match serde_json::from_slice::<Value>(&m.payload) {
+            Ok(v) => events.push(v),
+            Err(e) => {
+                tracing::warn!(seq = m.sequence, error = %e, "stored event is not JSON; skipped")
             }
         }
     }
-    // Ephemeral consumers also expire on their own; deleting now keeps the server tidy.
-    let _ = stream.delete_consumer(&name).await;
     Ok(RangePage {
         category,
         from: q.from,

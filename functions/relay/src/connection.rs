@@ -426,17 +426,16 @@ impl Conn {
         }
         // What the client has seen once the history is sent; live messages after it follow.
         let mut delivered = since.unwrap_or(joined.position).min(joined.position);
-        for (seq, frame) in joined.history {
-            if self.sink.feed(Message::Text(frame)).await.is_err() {
-                return false;
-            }
-            self.relay
-                .metrics
-                .frames_out
-                .fetch_add(1, Ordering::Relaxed);
-            delivered = delivered.max(seq);
-        }
-        for frame in self.relay.hub.go_live(&channel, self.id, delivered).await {
+        let history: Vec<Utf8Bytes> = joined
+            .history
+            .into_iter()
+            .map(|(seq, frame)| {
+                delivered = delivered.max(seq);
+                frame
+            })
+            .collect();
+        let held_back = self.relay.hub.go_live(&channel, self.id, delivered).await;
+        for frame in history.into_iter().chain(held_back) {
             if self.sink.feed(Message::Text(frame)).await.is_err() {
                 return false;
             }

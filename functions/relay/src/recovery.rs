@@ -1,12 +1,9 @@
 //! Reading a channel's history from the RELAY stream: for `since` recovery and to fill gaps
 //! in the live flow.
 
-use std::time::Duration;
-
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::{self, stream::DirectGetErrorKind};
 use bytes::Bytes;
-use futures::StreamExt;
 use inkwire_shared::channels::RELAY_STREAM;
 
 /// The stream sequence of the newest message on `subject`, or 0 when it has none.
@@ -32,40 +29,21 @@ pub async fn read_range(
     if up_to <= after {
         return Ok(Vec::new());
     }
-    let stream = js.get_stream(RELAY_STREAM).await?;
-    let mut consumer = stream
-        .create_consumer(pull::Config {
-            filter_subject: subject.to_string(),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
-            },
-            ack_policy: AckPolicy::None,
-            inactive_threshold: Duration::from_secs(30),
-            memory_storage: true,
-            ..Default::default()
-        })
-        .await?;
-    let name = consumer.cached_info().name.clone();
-    let pending = consumer.info().await?.num_pending as usize;
-    let mut out = Vec::new();
-    if pending > 0 {
-        let mut batch = consumer
-            .batch()
-            .max_messages(pending)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await?;
-        while let Some(m) = batch.next().await {
-            let m = m?;
-            let seq = m.info()?.stream_sequence;
-            if seq > up_to {
-                break;
-            }
-            out.push((seq, m.payload.clone()));
-        }
-    }
-    let _ = stream.delete_consumer(&name).await;
-    Ok(out)
+    let stored = inkwire_shared::jetstream::read_stream(
+        js,
+        RELAY_STREAM,
+        subject.to_string(),
+        DeliverPolicy::ByStartSequence {
+            start_sequence: after + 1,
+        },
+        usize::MAX,
+    )
+    .await?;
+    Ok(stored
+        .into_iter()
+        .take_while(|m| m.sequence <= up_to)
+        .map(|m| (m.sequence, m.payload))
+        .collect())
 }
 
 /// Whether history on `subject` still reaches back to position `since`: the message at

@@ -20,9 +20,7 @@ use futures::{SinkExt, StreamExt};
 use inkwire_relay::RelayConfig;
 use inkwire_shared::auth::JwtKeys;
 use inkwire_shared::channels::{self, Channel, MessageType};
-use inkwire_shared::config::Config;
 use inkwire_shared::consumer::ShutdownTrigger;
-use inkwire_shared::local_servers::{LocalServers, Persistence};
 use inkwire_shared::membership::{self, ProjectRole};
 use inkwire_shared::{AppState, http};
 use serde::{Deserialize, Serialize};
@@ -148,23 +146,13 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         args.connections >= 1 && args.rate >= 1 && args.seconds >= 1,
         "connections, rate and seconds must be at least 1"
     );
-    let tmp = tempfile::tempdir()?;
-    let servers = match (&args.nats_url, &args.redis_url) {
-        (Some(_), Some(_)) => None,
-        _ => Some(LocalServers::start(tmp.path(), Persistence::Scratch).await?),
-    };
-    let mut config = Config::from_env()?;
-    config.nats_url = args
-        .nats_url
-        .clone()
-        .or_else(|| servers.as_ref().map(|s| s.nats_url.clone()))
-        .unwrap_or_default();
-    config.redis_url = args
-        .redis_url
-        .clone()
-        .or_else(|| servers.as_ref().map(|s| s.redis_url.clone()))
-        .unwrap_or_default();
-    let state = AppState::connect(config, "inkwire-bench-fanout").await?;
+    let bench = super::BenchServers::start(
+        args.nats_url.clone(),
+        args.redis_url.clone(),
+        "inkwire-bench-fanout",
+    )
+    .await?;
+    let state = bench.state.clone();
     let users: Vec<String> = (0..args.connections)
         .map(|i| format!("{USER_PREFIX}{i}"))
         .collect();
@@ -241,9 +229,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
             args.rate, args.seconds
         );
     }
-    if let Some(s) = servers {
-        s.stop().await;
-    }
+    bench.stop().await;
     Ok(())
 }
 

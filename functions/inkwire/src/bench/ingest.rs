@@ -16,11 +16,9 @@ use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use inkwire_shared::config::Config;
+use inkwire_shared::http;
 use inkwire_shared::jetstream::Outgoing;
-use inkwire_shared::local_servers::{LocalServers, Persistence};
 use inkwire_shared::membership::{self, ProjectRole};
-use inkwire_shared::{AppState, http};
 use serde_json::{Value, json};
 
 use super::load_client::LoadClient;
@@ -82,23 +80,13 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         args.connections >= 1 && args.batch_connections >= 1,
         "connections must be at least 1"
     );
-    let tmp = tempfile::tempdir()?;
-    let servers = match (&args.nats_url, &args.redis_url) {
-        (Some(_), Some(_)) => None,
-        _ => Some(LocalServers::start(tmp.path(), Persistence::Scratch).await?),
-    };
-    let mut config = Config::from_env()?;
-    config.nats_url = args
-        .nats_url
-        .clone()
-        .or_else(|| servers.as_ref().map(|s| s.nats_url.clone()))
-        .unwrap_or_default();
-    config.redis_url = args
-        .redis_url
-        .clone()
-        .or_else(|| servers.as_ref().map(|s| s.redis_url.clone()))
-        .unwrap_or_default();
-    let state = AppState::connect(config, "inkwire-bench-server").await?;
+    let bench = super::BenchServers::start(
+        args.nats_url.clone(),
+        args.redis_url.clone(),
+        "inkwire-bench-server",
+    )
+    .await?;
+    let state = bench.state.clone();
     let mut redis = state.redis.clone();
     membership::set_member(&mut redis, PROJECT, USER, Some(ProjectRole::Editor)).await?;
     let token = state.jwt.issue(USER, &[], Duration::from_secs(3600));
@@ -143,9 +131,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let _ = server.await;
     trigger.trigger();
     running.finished().await;
-    if let Some(s) = servers {
-        s.stop().await;
-    }
+    bench.stop().await;
     Ok(())
 }
 

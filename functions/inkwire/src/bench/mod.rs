@@ -21,6 +21,47 @@ pub enum Scenario {
     FanoutClients(fanout::ClientsArgs),
 }
 
+/// Servers for a benchmark: the given URLs, or child servers in a temporary directory.
+pub struct BenchServers {
+    pub state: inkwire_shared::AppState,
+    servers: Option<inkwire_shared::local_servers::LocalServers>,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchServers {
+    pub async fn start(
+        nats_url: Option<String>,
+        redis_url: Option<String>,
+        name: &str,
+    ) -> anyhow::Result<BenchServers> {
+        use inkwire_shared::local_servers::{LocalServers, Persistence};
+        let dir = tempfile::tempdir()?;
+        let servers = match (&nats_url, &redis_url) {
+            (Some(_), Some(_)) => None,
+            _ => Some(LocalServers::start(dir.path(), Persistence::Scratch).await?),
+        };
+        let mut config = inkwire_shared::config::Config::from_env()?;
+        config.nats_url = nats_url
+            .or_else(|| servers.as_ref().map(|s| s.nats_url.clone()))
+            .unwrap_or_default();
+        config.redis_url = redis_url
+            .or_else(|| servers.as_ref().map(|s| s.redis_url.clone()))
+            .unwrap_or_default();
+        let state = inkwire_shared::AppState::connect(config, name).await?;
+        Ok(BenchServers {
+            state,
+            servers,
+            _dir: dir,
+        })
+    }
+
+    pub async fn stop(self) {
+        if let Some(s) = self.servers {
+            s.stop().await;
+        }
+    }
+}
+
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
     match scenario {
         Scenario::Ingest(args) => ingest::run(args).await,
