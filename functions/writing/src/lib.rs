@@ -1,0 +1,5 @@
+//! Writing sessions: the HTTP API, the tracker (a durable consumer of `events.writing.>`),
+//! its state machine and metrics, and the scheduler for time-driven transitions.
+
+pub mod session;
+pub mod state_machine;
