@@ -38,7 +38,7 @@ async fn every_event_type_round_trips() {
         assert!(body["sequence"].as_u64().unwrap() >= 1);
         sent.push((category.to_string(), event_type.to_string(), event));
     }
-    assert_eq!(sent.len(), 27);
+    assert_eq!(sent.len(), 28);
     let admin = env.admin_token();
     for (category, event_type, event) in sent {
         let (status, page) = env

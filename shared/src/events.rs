@@ -53,6 +53,7 @@ impl Category {
                 "session_ended",
                 "flow_state_entered",
                 "flow_state_exited",
+                "session_state_changed",
             ],
             Category::Collaboration => &[
                 "user_joined",
@@ -226,12 +227,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn twenty_seven_types_unique_across_categories() {
+    fn twenty_eight_types_unique_across_categories() {
         let all: Vec<&str> = Category::ALL
             .iter()
             .flat_map(|c| c.event_types().iter().copied())
             .collect();
-        assert_eq!(all.len(), 27);
+        assert_eq!(all.len(), 28);
         let mut dedup = all.clone();
         dedup.sort();
         dedup.dedup();

@@ -43,7 +43,7 @@ pub struct Instance {
 
 async fn serve_instance(
     state: AppState,
-    relay_config: RelayConfig,
+    settings: inkwire::Settings,
 ) -> (
     String,
     inkwire_relay::Relay,
@@ -51,7 +51,7 @@ async fn serve_instance(
     tokio::sync::oneshot::Sender<()>,
 ) {
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let running = inkwire::start(state, relay_config, shutdown)
+    let running = inkwire::start(state, settings, shutdown)
         .await
         .expect("start functions");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -81,6 +81,14 @@ impl TestEnv {
         tweak: impl FnOnce(&mut Config),
         relay_tweak: impl FnOnce(&mut RelayConfig),
     ) -> TestEnv {
+        Self::start_settings(tweak, |s| relay_tweak(&mut s.relay)).await
+    }
+
+    /// Starts with changed configuration and function settings.
+    pub async fn start_settings(
+        tweak: impl FnOnce(&mut Config),
+        settings_tweak: impl FnOnce(&mut inkwire::Settings),
+    ) -> TestEnv {
         let dir = tempfile::tempdir().expect("temporary directory");
         let servers = match LocalServers::start(dir.path(), Persistence::Scratch).await {
             Ok(s) => s,
@@ -95,9 +103,9 @@ impl TestEnv {
         let state = AppState::connect(config, "inkwire-test")
             .await
             .expect("connect to test servers");
-        let mut relay_config = RelayConfig::default();
-        relay_tweak(&mut relay_config);
-        let (base, relay, shutdown, tx) = serve_instance(state.clone(), relay_config).await;
+        let mut settings = inkwire::Settings::default();
+        settings_tweak(&mut settings);
+        let (base, relay, shutdown, tx) = serve_instance(state.clone(), settings).await;
         TestEnv {
             state,
             base,
@@ -118,9 +126,9 @@ impl TestEnv {
         let state = AppState::connect(config, "inkwire-test-2")
             .await
             .expect("connect second instance");
-        let mut relay_config = RelayConfig::default();
-        relay_tweak(&mut relay_config);
-        let (base, relay, shutdown, tx) = serve_instance(state, relay_config).await;
+        let mut settings = inkwire::Settings::default();
+        relay_tweak(&mut settings.relay);
+        let (base, relay, shutdown, tx) = serve_instance(state, settings).await;
         std::mem::forget(tx); // served until the test ends
         Instance {
             base,

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use inkwire_relay::RelayConfig;
 use inkwire_shared::auth::GlobalRole;
 use inkwire_shared::config::Config;
 use inkwire_shared::consumer::ShutdownTrigger;
@@ -81,7 +80,7 @@ pub async fn run(addr: SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop.");
 
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let running = match inkwire::start(state, RelayConfig::from_env()?, shutdown).await {
+    let running = match inkwire::start(state, inkwire::Settings::from_env()?, shutdown).await {
         Ok(r) => r,
         Err(e) => {
             if let Some(s) = servers {

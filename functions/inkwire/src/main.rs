@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use inkwire_relay::RelayConfig;
 use inkwire_shared::auth::{GlobalRole, JwtKeys};
 use inkwire_shared::config::{Config, parse_duration};
 use inkwire_shared::consumer::ShutdownTrigger;
@@ -81,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
             let addr = addr.unwrap_or(config.http_addr);
             let state = AppState::connect(config, "inkwire").await?;
             let (trigger, shutdown) = ShutdownTrigger::new();
-            let running = inkwire::start(state, RelayConfig::from_env()?, shutdown).await?;
+            let running = inkwire::start(state, inkwire::Settings::from_env()?, shutdown).await?;
             let served = http::serve(running.router.clone(), addr, async move {
                 http::shutdown_signal().await;
                 // WebSockets get "going away" before the HTTP server stops.

@@ -133,6 +133,55 @@ impl Default for TrackerConfig {
     }
 }
 
+impl TrackerConfig {
+    /// Reads `INKWIRE_WRITING_*` overrides (durations like `30s`, `5m`; ratios as numbers).
+    pub fn from_env() -> Result<TrackerConfig, inkwire_shared::config::ConfigError> {
+        use inkwire_shared::config::{ConfigError, parse_duration};
+        let mut c = TrackerConfig::default();
+        let durations: [(&'static str, &mut Duration); 8] = [
+            ("INKWIRE_WRITING_PAUSE_AFTER", &mut c.pause_after),
+            ("INKWIRE_WRITING_BREAK_AFTER", &mut c.break_after),
+            ("INKWIRE_WRITING_END_AFTER_BREAK", &mut c.end_after_break),
+            ("INKWIRE_WRITING_SESSION_TTL", &mut c.session_ttl),
+            ("INKWIRE_WRITING_WARMUP", &mut c.warmup),
+            ("INKWIRE_WRITING_BURST_GAP", &mut c.burst_gap),
+            ("INKWIRE_WRITING_FLOW_WINDOW", &mut c.flow_window),
+            ("INKWIRE_WRITING_LIVE_INTERVAL", &mut c.live_interval),
+        ];
+        for (name, slot) in durations {
+            if let Ok(v) = std::env::var(name) {
+                *slot = parse_duration(&v).map_err(|problem| ConfigError { name, problem })?;
+            }
+        }
+        let ratios: [(&'static str, &mut f64); 4] = [
+            ("INKWIRE_WRITING_FLOW_MIN_RATIO", &mut c.flow_min_ratio),
+            ("INKWIRE_WRITING_FLOW_EXIT_RATIO", &mut c.flow_exit_ratio),
+            (
+                "INKWIRE_WRITING_FLOW_MAX_REVISION",
+                &mut c.flow_max_revision,
+            ),
+            (
+                "INKWIRE_WRITING_DEFAULT_BASELINE_WPM",
+                &mut c.default_baseline_wpm,
+            ),
+        ];
+        for (name, slot) in ratios {
+            if let Ok(v) = std::env::var(name) {
+                *slot = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or_else(|| ConfigError {
+                        name,
+                        problem: format!("{v:?} is not a non-negative number"),
+                    })?;
+            }
+        }
+        Ok(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

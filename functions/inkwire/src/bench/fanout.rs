@@ -415,7 +415,11 @@ async fn scenario_relay(args: &FanoutArgs, state: &AppState) -> anyhow::Result<F
         max_connections_per_user: 10,
         ..RelayConfig::default()
     };
-    let running = inkwire::start(state.clone(), relay_config, shutdown.clone()).await?;
+    let settings = inkwire::Settings {
+        relay: relay_config,
+        ..Default::default()
+    };
+    let running = inkwire::start(state.clone(), settings, shutdown.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("ws://{}/ws/collaboration", listener.local_addr()?);
     let mut stop = shutdown.clone();

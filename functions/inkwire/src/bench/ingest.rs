@@ -95,12 +95,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?.to_string();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
-    let running = inkwire::start(
-        state.clone(),
-        inkwire_relay::RelayConfig::default(),
-        shutdown,
-    )
-    .await?;
+    let running = inkwire::start(state.clone(), inkwire::Settings::default(), shutdown).await?;
     let server = tokio::spawn(http::serve_on(listener, running.router.clone(), async {
         let _ = stop_rx.await;
     }));
