@@ -437,12 +437,11 @@ impl Session {
                     self.transition(SessionState::FlowState, Reason::Flow, now, out);
                 }
             }
-            SessionState::FlowState => {
+            SessionState::FlowState
                 if wpm < self.baseline_wpm * cfg.flow_exit_ratio
-                    || revisions > cfg.flow_max_revision
-                {
-                    self.transition(SessionState::ActiveWriting, Reason::Flow, now, out);
-                }
+                    || revisions > cfg.flow_max_revision =>
+            {
+                self.transition(SessionState::ActiveWriting, Reason::Flow, now, out);
             }
             _ => {}
         }
