@@ -1,0 +1,323 @@
+//! Writing sessions end to end: HTTP API → JetStream → tracker → Redis, live metrics over
+//! the relay, time-driven transitions from the scheduler, with short thresholds.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use inkwire_shared::consumer::Delivery;
+use inkwire_shared::membership::ProjectRole;
+use inkwire_tests::{TestEnv, WsClient, json};
+use inkwire_writing::state_machine::TrackerConfig;
+use inkwire_writing::tracker::Tracker;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const START: &str = "/api/realtime/writing/sessions/start";
+
+fn fast() -> TrackerConfig {
+    TrackerConfig {
+        pause_after: Duration::from_millis(1200),
+        break_after: Duration::from_millis(1000),
+        end_after_break: Duration::from_millis(1000),
+        warmup: Duration::from_millis(500),
+        burst_gap: Duration::from_millis(300),
+        flow_window: Duration::from_millis(1000),
+        default_baseline_wpm: 1.0,
+        flow_max_revision: 0.5,
+        live_interval: Duration::from_millis(500),
+        ..TrackerConfig::default()
+    }
+}
+
+async fn env() -> TestEnv {
+    let env = TestEnv::start_settings(|_| {}, |s| s.writing = fast()).await;
+    env.add_member("p-1", "alice", ProjectRole::Editor).await;
+    env.add_member("p-1", "bob", ProjectRole::Reader).await;
+    env.register_document("p-1", "d-1").await;
+    env
+}
+
+fn path(id: &str, action: &str) -> String {
+    format!("/api/realtime/writing/sessions/{id}/{action}")
+}
+
+async fn wait_for_state(
+    env: &TestEnv,
+    token: &str,
+    id: &str,
+    state: &str,
+    within: Duration,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, m) = env.get(&path(id, "metrics"), token).await;
+        assert_eq!(status, StatusCode::OK, "{m}");
+        if m["state"] == state {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session never reached {state}; now {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_scripted_session_warms_up_flows_pauses_breaks_and_ends_on_time() {
+    let env = env().await;
+    let alice = env.token("alice");
+    let mut watcher = WsClient::connect(&env.ws_url("collaboration", &env.token("bob"))).await;
+    assert_eq!(
+        watcher.subscribe("project:p-1", None).await["op"],
+        "subscribed"
+    );
+
+    let (status, started) = env
+        .post(
+            START,
+            &alice,
+            &json!({"projectId": "p-1", "documentId": "d-1", "goalWords": 50}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    let id = started["sessionId"].as_str().unwrap().to_string();
+    assert_eq!(started["state"], "idle");
+
+    for i in 0..15 {
+        let batch = json!({"keys": 12, "charsAdded": 12, "charsDeleted": 1, "wordsAdded": 2, "paragraphBoundary": i == 7});
+        let (status, body) = env.post(&path(&id, "keystroke"), &alice, &batch).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = wait_for_state(&env, &alice, &id, "flow_state", Duration::from_secs(5)).await;
+    assert_eq!(m["words"], 30);
+    assert_eq!(m["keystrokes"], 180);
+    assert_eq!(m["paragraphs"], 1);
+    assert_eq!(m["goalProgress"], 0.6);
+    assert!(m["wpm1m"].as_f64().unwrap() > 100.0, "{m}");
+
+    // Then silence: paused, break and ended arrive on time with no further input.
+    let t = Instant::now();
+    let paused = wait_for_state(&env, &alice, &id, "paused", Duration::from_secs(4)).await;
+    assert!(paused["flowMs"].as_u64().unwrap() > 0);
+    wait_for_state(&env, &alice, &id, "break", Duration::from_secs(4)).await;
+    let ended = wait_for_state(&env, &alice, &id, "ended", Duration::from_secs(4)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "transitions are timely: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(ended["endReason"], "inactivity");
+    assert_eq!(ended["words"], 30);
+
+    // The watcher saw live metrics, the flow transition and the end.
+    let mut kinds = Vec::new();
+    while let Ok(f) = watcher.next_within(Duration::from_millis(500)).await {
+        if f["op"] == "message" && f["data"]["kind"] == "writing.metrics" {
+            for t in f["data"]["transitions"].as_array().unwrap() {
+                kinds.push(t["type"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    for expected in ["flow_state_entered", "flow_state_exited", "session_ended"] {
+        assert!(
+            kinds.iter().any(|k| k == expected),
+            "{expected} not pushed: {kinds:?}"
+        );
+    }
+
+    // Derived events are in the stream.
+    let admin = env.admin_token();
+    let (_, page) = env
+        .get("/api/realtime/events/writing?type=session_ended", &admin)
+        .await;
+    assert_eq!(page["events"][0]["data"]["reason"], "inactivity", "{page}");
+    let (_, page) = env
+        .get("/api/realtime/events/writing?type=word_added", &admin)
+        .await;
+    assert_eq!(page["count"], 15, "word_added aggregated per batch");
+
+    // Ended sessions refuse writes.
+    let (status, _) = env
+        .post(
+            &path(&id, "keystroke"),
+            &alice,
+            &json!({"keys": 1, "charsAdded": 1, "charsDeleted": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = env.post(&path(&id, "end"), &alice, &json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn pause_resume_end_and_bad_input() {
+    let env = env().await;
+    let alice = env.token("alice");
+    let (status, started) = env
+        .post(
+            START,
+            &alice,
+            &json!({"projectId": "p-1", "documentId": "d-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = started["sessionId"].as_str().unwrap().to_string();
+    let (status, _) = env
+        .post(
+            &path(&id, "keystroke"),
+            &alice,
+            &json!({"keys": 5, "charsAdded": 5, "charsDeleted": 0, "wordsAdded": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_for_state(&env, &alice, &id, "warming_up", Duration::from_secs(3)).await;
+
+    let (status, _) = env.post(&path(&id, "pause"), &alice, &json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_for_state(&env, &alice, &id, "paused", Duration::from_secs(3)).await;
+    let (status, body) = env.post(&path(&id, "pause"), &alice, &json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, _) = env.post(&path(&id, "resume"), &alice, &json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    wait_for_state(&env, &alice, &id, "warming_up", Duration::from_secs(3)).await;
+
+    // Only the owner writes; members read; outsiders nothing.
+    let bob = env.token("bob");
+    let (status, _) = env
+        .post(
+            &path(&id, "keystroke"),
+            &bob,
+            &json!({"keys": 1, "charsAdded": 1, "charsDeleted": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = env.get(&path(&id, "metrics"), &bob).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = env.get(&path(&id, "metrics"), &env.token("mallory")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, analytics) = env
+        .get("/api/realtime/analytics/project/p-1/writing", &bob)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{analytics}");
+    assert_eq!(analytics["activeWriters"][0]["userId"], "alice");
+    assert_eq!(analytics["wordsToday"], 1);
+    let (status, _) = env
+        .get(
+            "/api/realtime/analytics/project/p-1/writing",
+            &env.token("mallory"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, active) = env
+        .get("/api/realtime/writing/sessions/active", &alice)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(active["sessions"][0]["sessionId"], id.as_str());
+
+    // Impossible values are refused and change nothing.
+    let future = (time::OffsetDateTime::now_utc() + Duration::from_secs(3600))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    for (bad, pointer) in [
+        (
+            json!({"keys": -1, "charsAdded": 1, "charsDeleted": 0}),
+            "/keys",
+        ),
+        (
+            json!({"keys": 10, "charsAdded": 10, "charsDeleted": 0, "wordsAdded": 5000}),
+            "/wordsAdded",
+        ),
+        (
+            json!({"keys": 10, "charsAdded": 10, "charsDeleted": 0, "clientTimestamp": future}),
+            "/clientTimestamp",
+        ),
+        (
+            json!({"keys": 10, "charsAdded": "ten", "charsDeleted": 0}),
+            "/charsAdded",
+        ),
+        (json!({"keys": 10}), "/charsAdded"),
+    ] {
+        let (status, body) = env.post(&path(&id, "keystroke"), &alice, &bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["errors"][0]["pointer"], pointer, "{bad}: {body}");
+    }
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(m["keystrokes"], 5);
+    let (status, _) = env.get(&path("no-such-session", "metrics"), &alice).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = env
+        .post(
+            START,
+            &alice,
+            &json!({"projectId": "p-2", "documentId": "d-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = env
+        .post(
+            START,
+            &bob,
+            &json!({"projectId": "p-1", "documentId": "d-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "readers do not write");
+    let (status, _) = env
+        .post(
+            START,
+            &alice,
+            &json!({"projectId": "p-1", "documentId": "d-9"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let (status, _) = env.post(&path(&id, "end"), &alice, &json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, _) = env.post(&path(&id, "end"), &alice, &json!({})).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "ending twice, even before the tracker applied the first"
+    );
+    let ended = wait_for_state(&env, &alice, &id, "ended", Duration::from_secs(3)).await;
+    assert_eq!(ended["endReason"], "user");
+}
+
+#[tokio::test]
+async fn a_redelivered_batch_is_counted_once() {
+    let env = env().await;
+    let alice = env.token("alice");
+    let (_, started) = env
+        .post(
+            START,
+            &alice,
+            &json!({"projectId": "p-1", "documentId": "d-1"}),
+        )
+        .await;
+    let id = started["sessionId"].as_str().unwrap().to_string();
+    wait_for_state(&env, &alice, &id, "idle", Duration::from_secs(2)).await;
+    let tracker = Tracker {
+        js: env.state.js.clone(),
+        redis: env.state.redis.clone(),
+        config: fast(),
+        emit: false,
+    };
+    let event = json!({"id": uuid::Uuid::new_v4().to_string(), "category": "writing", "type": "keystroke", "userId": "alice",
+        "projectId": "p-1", "timestamp": "2030-01-01T00:00:00Z", "data": {"sessionId": id, "keys": 9, "charsAdded": 9, "charsDeleted": 0, "wordsAdded": 4}});
+    let delivery = |n| Delivery {
+        subject: "events.writing.keystroke".into(),
+        payload: Bytes::from(event.to_string()),
+        headers: None,
+        stream_sequence: 1_000_000,
+        deliveries: n,
+    };
+    tracker.handle(delivery(1)).await.unwrap();
+    tracker.handle(delivery(2)).await.unwrap();
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(
+        (m["words"].as_u64(), m["keystrokes"].as_u64()),
+        (Some(4), Some(9)),
+        "{m}"
+    );
+}
