@@ -138,6 +138,75 @@ async fn a_scripted_session_warms_up_flows_pauses_breaks_and_ends_on_time() {
         .await;
     assert_eq!(page["count"], 15, "word_added aggregated per batch");
 
+    // A replay of the stream rebuilds exactly the live projections.
+    let snapshot = |env: &TestEnv| {
+        let mut redis = env.state.redis.clone();
+        async move {
+            let keys = inkwire_writing::replay::projection_keys(&mut redis)
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            for k in keys.into_iter().filter(|k| !k.ends_with(":meta")) {
+                let kind: String = redis::cmd("TYPE")
+                    .arg(&k)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                let value: Value = match kind.as_str() {
+                    "string" => {
+                        let s: String = redis::cmd("GET")
+                            .arg(&k)
+                            .query_async(&mut redis)
+                            .await
+                            .unwrap();
+                        serde_json::from_str(&s).unwrap_or(Value::String(s))
+                    }
+                    "hash" => {
+                        let h: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+                            .arg(&k)
+                            .query_async(&mut redis)
+                            .await
+                            .unwrap();
+                        json!(h)
+                    }
+                    "set" => {
+                        let mut m: Vec<String> = redis::cmd("SMEMBERS")
+                            .arg(&k)
+                            .query_async(&mut redis)
+                            .await
+                            .unwrap();
+                        m.sort();
+                        json!(m)
+                    }
+                    "zset" => {
+                        let m: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                            .arg(&k)
+                            .arg(0)
+                            .arg(-1)
+                            .arg("WITHSCORES")
+                            .query_async(&mut redis)
+                            .await
+                            .unwrap();
+                        json!(m)
+                    }
+                    other => json!(other),
+                };
+                out.push((k, value));
+            }
+            out
+        }
+    };
+    let live = snapshot(&env).await;
+    assert!(live.iter().any(|(k, _)| k.contains(&id)), "{live:?}");
+    env.shutdown.trigger();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = inkwire_writing::replay::replay(&env.state.js, &env.state.redis, fast())
+        .await
+        .unwrap();
+    assert_eq!(stats.skipped, 0);
+    assert!(stats.events > 15);
+    assert_eq!(snapshot(&env).await, live, "replay equals the live state");
+
     // Ended sessions refuse writes.
     let (status, _) = env
         .post(

@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// Rebuild projections from the streams (stop the live consumers first).
+    Replay {
+        /// What to rebuild: `writing`.
+        target: String,
+    },
     /// Benchmarks that report the raw baseline from the same run beside each figure.
     Bench {
         #[command(subcommand)]
@@ -110,5 +115,21 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { scenario } => bench::run(scenario).await,
+        Command::Replay { target } => {
+            telemetry::init();
+            anyhow::ensure!(
+                target == "writing",
+                "unknown replay target {target:?} (known: writing)"
+            );
+            let config = Config::from_env()?;
+            let state = AppState::connect(config, "inkwire-replay").await?;
+            let writing = inkwire_writing::state_machine::TrackerConfig::from_env()?;
+            let stats = inkwire_writing::replay::replay(&state.js, &state.redis, writing).await?;
+            println!(
+                "replayed {} events ({} skipped) after deleting {} projection keys",
+                stats.events, stats.skipped, stats.keys_deleted
+            );
+            Ok(())
+        }
     }
 }
