@@ -354,6 +354,69 @@ async fn pause_resume_end_and_bad_input() {
 }
 
 #[tokio::test]
+async fn words_per_local_day_goal_and_streak() {
+    let env = env().await;
+    let alice = env.token("alice");
+    let (status, body) = env
+        .put(
+            "/api/realtime/writing/preferences",
+            &alice,
+            &json!({"timeZone": "Mars/Olympus"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["errors"][0]["pointer"], "/timeZone");
+    let (status, body) = env
+        .put("/api/realtime/writing/preferences", &alice, &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, stats) = env
+        .put(
+            "/api/realtime/writing/preferences",
+            &alice,
+            &json!({"timeZone": "Pacific/Kiritimati", "dailyGoalWords": 3}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_eq!(stats["timeZone"], "Pacific/Kiritimati");
+    assert_eq!(stats["streakDays"], 0);
+    let (_, started) = env
+        .post(
+            START,
+            &alice,
+            &json!({"projectId": "p-1", "documentId": "d-1"}),
+        )
+        .await;
+    let id = started["sessionId"].as_str().unwrap().to_string();
+    for words in [1, 2] {
+        let (status, _) = env
+            .post(
+                &path(&id, "keystroke"),
+                &alice,
+                &json!({"keys": 9, "charsAdded": 9, "charsDeleted": 0, "wordsAdded": words}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let stats = loop {
+        let (_, stats) = env.get("/api/realtime/writing/stats", &alice).await;
+        if stats["today"]["words"] == 3 || Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Days are counted in the writer's zone (UTC+14 here), not the server's.
+    let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64;
+    let local_today = inkwire_writing::days::local_day(now_ms, Some("Pacific/Kiritimati"));
+    assert_eq!(stats["today"]["date"], local_today.as_str(), "{stats}");
+    assert_eq!(stats["today"]["words"], 3, "{stats}");
+    assert_eq!(stats["today"]["goalProgress"], 1.0);
+    assert_eq!(stats["streakDays"], 1);
+    assert_eq!(stats["days"][0]["date"], local_today.as_str());
+}
+
+#[tokio::test]
 async fn a_redelivered_batch_is_counted_once() {
     let env = env().await;
     let alice = env.token("alice");

@@ -33,6 +33,7 @@ schema_files!(
     "api/send-to-user-request.json",
     "api/writing-start-request.json",
     "api/writing-keystroke-request.json",
+    "api/writing-preferences-request.json",
     "relay/client-subscribe.json",
     "relay/client-unsubscribe.json",
     "relay/client-ping.json",

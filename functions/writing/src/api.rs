@@ -77,6 +77,11 @@ pub fn routes(api: WritingApi) -> Router {
             "/api/realtime/analytics/project/{project_id}/writing",
             get(project_analytics),
         )
+        .route(
+            "/api/realtime/writing/preferences",
+            axum::routing::put(put_preferences),
+        )
+        .route("/api/realtime/writing/stats", get(user_stats))
         .with_state(api)
 }
 
@@ -408,6 +413,70 @@ async fn project_analytics(
         "wordsToday": words_today.unwrap_or(0).max(0),
         "averageWpm": (average_wpm * 100.0).round() / 100.0,
         "sessionsInFlow": sessions.iter().filter(|s| s.state == SessionState::FlowState).count(),
+    }))
+    .into_response())
+}
+
+async fn put_preferences(
+    State(api): State<WritingApi>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, Problem> {
+    schemas()
+        .validate("api/writing-preferences-request.json", &body)
+        .map_err(Problem::validation)?;
+    let mut redis = api.app.redis.clone();
+    let key = store::preferences_key(&caller.user_id);
+    if let Some(tz) = body.get("timeZone").and_then(Value::as_str) {
+        if crate::days::time_zone(tz).is_none() {
+            return Err(Problem::validation(vec![FieldError::new(
+                "/timeZone",
+                "timeZone",
+                body.get("timeZone"),
+                format!("{tz:?} is not an IANA time zone"),
+            )]));
+        }
+        let _: () = redis.hset(&key, "timeZone", tz).await.map_err(redis_err)?;
+    }
+    if let Some(goal) = body.get("dailyGoalWords").and_then(Value::as_u64) {
+        let _: () = redis
+            .hset(&key, "dailyGoalWords", goal)
+            .await
+            .map_err(redis_err)?;
+    }
+    user_stats(State(api), caller).await
+}
+
+/// The caller's words per local day (last 30 days), today's goal progress and streak.
+async fn user_stats(State(api): State<WritingApi>, caller: Caller) -> Result<Response, Problem> {
+    let mut redis = api.app.redis.clone();
+    let prefs: std::collections::HashMap<String, String> = redis
+        .hgetall(store::preferences_key(&caller.user_id))
+        .await
+        .map_err(redis_err)?;
+    let tz = prefs.get("timeZone").cloned();
+    let goal: Option<u64> = prefs.get("dailyGoalWords").and_then(|g| g.parse().ok());
+    let days: std::collections::HashMap<String, i64> = redis
+        .hgetall(store::user_days_key(&caller.user_id))
+        .await
+        .map_err(redis_err)?;
+    let words_on = |d: &str| days.get(d).copied().unwrap_or(0).max(0) as u64;
+    let today = crate::days::local_day(now_ms(), tz.as_deref());
+    let mut recent: Vec<(&String, &i64)> = days.iter().collect();
+    recent.sort();
+    let recent: Vec<Value> = recent
+        .iter()
+        .rev()
+        .take(30)
+        .map(|(d, w)| json!({"date": d, "words": (**w).max(0)}))
+        .collect();
+    Ok(Json(json!({
+        "userId": caller.user_id,
+        "timeZone": tz.unwrap_or_else(|| "UTC".into()),
+        "dailyGoalWords": goal,
+        "today": {"date": today, "words": words_on(&today), "goalProgress": goal.map(|g| ((words_on(&today) as f64 / g as f64).min(1.0) * 100.0).round() / 100.0)},
+        "streakDays": crate::days::streak(&today, goal.unwrap_or(1), words_on),
+        "days": recent,
     }))
     .into_response())
 }

@@ -2,6 +2,7 @@
 //! its state machine and metrics, and the scheduler for time-driven transitions.
 
 pub mod api;
+pub mod days;
 pub mod replay;
 pub mod scheduler;
 pub mod session;

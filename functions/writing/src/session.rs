@@ -138,6 +138,9 @@ pub struct Session {
     pub project_id: Option<String>,
     pub document_id: Option<String>,
     pub goal_words: Option<u32>,
+    /// The writer's IANA time zone when the session started (for words per local day).
+    #[serde(default)]
+    pub time_zone: Option<String>,
     pub state: SessionState,
     pub started_ms: u64,
     pub state_since_ms: u64,
@@ -187,6 +190,7 @@ impl Session {
             project_id,
             document_id,
             goal_words,
+            time_zone: None,
             state: SessionState::Idle,
             started_ms: at_ms,
             state_since_ms: at_ms,

@@ -38,6 +38,11 @@ pub fn project_days_key(project: &str) -> String {
 pub fn baseline_key(user: &str) -> String {
     format!("inkwire:writing:user:{user}:baseline")
 }
+/// The writer's preferences (`timeZone`, `dailyGoalWords`): set through the API, not derived
+/// from the stream.
+pub fn preferences_key(user: &str) -> String {
+    format!("inkwire:writing-prefs:{user}")
+}
 pub fn end_requested_key(id: &str) -> String {
     format!("inkwire:writing:session:{id}:end-requested")
 }

@@ -44,12 +44,6 @@ fn ms(t: OffsetDateTime) -> u64 {
     (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
 }
 
-fn day_of(at_ms: u64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp((at_ms / 1000) as i64)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
-}
-
 fn retry(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::Retry(e.to_string())
 }
@@ -103,18 +97,21 @@ impl Tracker {
                     .get("goalWords")
                     .and_then(Value::as_u64)
                     .map(|g| g as u32);
-                (
-                    Session::new(
-                        session_id,
-                        &event.user_id,
-                        event.project_id.clone(),
-                        event.document_id.clone(),
-                        goal,
-                        at,
-                        baseline,
-                    ),
-                    0,
-                )
+                let mut s = Session::new(
+                    session_id,
+                    &event.user_id,
+                    event.project_id.clone(),
+                    event.document_id.clone(),
+                    goal,
+                    at,
+                    baseline,
+                );
+                s.time_zone = event
+                    .data
+                    .get("timeZone")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                (s, 0)
             }
             // Only session_started creates a session; anything else for an unknown one is
             // either not ours or arrived first (a retry will find it).
@@ -150,7 +147,7 @@ impl Tracker {
             version,
             &self.config,
             words_delta,
-            &day_of(at),
+            &crate::days::local_day(at, session.time_zone.as_deref()),
         )
         .await
         .map_err(retry)?

@@ -7,6 +7,7 @@ mod histogram;
 mod ingest;
 mod load_client;
 mod report;
+mod tracker;
 
 use clap::Subcommand;
 
@@ -16,6 +17,8 @@ pub enum Scenario {
     Ingest(ingest::IngestArgs),
     /// WebSocket fan-out: N clients on one channel; the relay vs a bare broadcast server.
     Fanout(fanout::FanoutArgs),
+    /// Writing tracker: keystroke batches per second vs bare pipelined Redis; POST → live metrics latency.
+    Tracker(tracker::TrackerArgs),
     /// The client side of `fanout`, run as a separate process (internal).
     #[command(hide = true)]
     FanoutClients(fanout::ClientsArgs),
@@ -66,6 +69,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
     match scenario {
         Scenario::Ingest(args) => ingest::run(args).await,
         Scenario::Fanout(args) => fanout::run(args).await,
+        Scenario::Tracker(args) => tracker::run(args).await,
         Scenario::FanoutClients(args) => fanout::clients(args).await,
     }
 }

@@ -1,0 +1,338 @@
+//! `inkwire bench tracker`: the writing tracker's throughput and live-update latency.
+//!
+//! (a) baseline — bare pipelined Redis: one `HINCRBY` per keystroke batch on the batch's
+//!     session hash, 1,000 commands per round trip;
+//! (b) tracker — the same number of keystroke batches, preloaded into `EVENTS_WRITING` for
+//!     many concurrent sessions, consumed by one tracker instance (projection, derived
+//!     events, live pushes), timed until the consumer has acknowledged everything;
+//! (c) latency — a WebSocket client on the writer's `user:` channel; each keystroke POST is
+//!     timed until the live metrics showing it arrive (with the once-per-second throttle off).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::pull;
+use bytes::Bytes;
+use clap::Args;
+use futures::{SinkExt, StreamExt};
+use inkwire_shared::consumer::ShutdownTrigger;
+use inkwire_shared::events::{Category, Event};
+use inkwire_shared::http;
+use inkwire_shared::jetstream::{Outgoing, publish_windowed};
+use inkwire_shared::membership::{self, ProjectRole};
+use inkwire_writing::session::Session;
+use inkwire_writing::state_machine::TrackerConfig;
+use inkwire_writing::store;
+use inkwire_writing::tracker::{DURABLE, Tracker, run_tracker};
+use serde::Serialize;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::report::percentiles;
+
+#[derive(Args)]
+pub struct TrackerArgs {
+    /// One JSON object per scenario on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Keystroke batches to process.
+    #[arg(long, default_value_t = 100_000)]
+    batches: u64,
+    /// Concurrent sessions they belong to.
+    #[arg(long, default_value_t = 1_000)]
+    sessions: u64,
+    /// Keystroke POSTs timed for the latency scenario.
+    #[arg(long, default_value_t = 300)]
+    latency_samples: usize,
+    #[arg(long)]
+    nats_url: Option<String>,
+    #[arg(long)]
+    redis_url: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TrackerResult {
+    bench: &'static str,
+    scenario: &'static str,
+    batches: u64,
+    seconds: f64,
+    batches_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    ratio_to_baseline: f64,
+    baseline_batches_per_sec: f64,
+}
+
+const PROJECT: &str = "bench-writing";
+
+pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.batches >= 1 && args.sessions >= 1,
+        "--batches and --sessions must be at least 1"
+    );
+    let bench = super::BenchServers::start(
+        args.nats_url.clone(),
+        args.redis_url.clone(),
+        "inkwire-bench-tracker",
+    )
+    .await?;
+    let state = bench.state.clone();
+    let config = TrackerConfig {
+        live_interval: Duration::from_secs(1),
+        ..TrackerConfig::default()
+    };
+    let mut redis = state.redis.clone();
+
+    // Baseline: bare pipelined Redis updates, the same count.
+    let start = Instant::now();
+    let mut pipe = redis::pipe();
+    for n in 0..args.batches {
+        pipe.hincr(format!("bench:baseline:{}", n % args.sessions), "words", 2)
+            .ignore();
+        if (n + 1) % 1000 == 0 || n + 1 == args.batches {
+            pipe.query_async::<()>(&mut redis).await?;
+            pipe = redis::pipe();
+        }
+    }
+    let base_secs = start.elapsed().as_secs_f64();
+    let base_rate = args.batches as f64 / base_secs;
+
+    // Sessions, and their keystroke batches preloaded into the stream.
+    let t0 = time::OffsetDateTime::now_utc();
+    let t0_ms = (t0.unix_timestamp_nanos() / 1_000_000) as u64;
+    for s in 0..args.sessions {
+        let session = Session::new(
+            &format!("bench-s{s}"),
+            &format!("bench-u{}", s % 100),
+            Some(PROJECT.into()),
+            Some("bench-d".into()),
+            None,
+            t0_ms,
+            19.0,
+        );
+        store::save(&mut redis, &session, 0, &config, 0, "").await?;
+    }
+    let per_session = args.batches.div_ceil(args.sessions);
+    let msgs = (0..args.batches).map(|n| {
+        let s = n % args.sessions;
+        let k = n / args.sessions;
+        let at = t0 + Duration::from_millis(k * 1000 / per_session.max(1) * 60 + k * 100);
+        let event = Event::builder(Category::Writing, "keystroke", format!("bench-u{}", s % 100))
+            .project(PROJECT)
+            .document("bench-d")
+            .timestamp(at)
+            .source("bench")
+            .data(json!({"sessionId": format!("bench-s{s}"), "keys": 12, "charsAdded": 12, "charsDeleted": 1, "wordsAdded": 2}))
+            .build();
+        Outgoing {
+            subject: event.subject(),
+            msg_id: event.id.to_string(),
+            payload: Bytes::from(serde_json::to_vec(&event).expect("serializes")),
+        }
+    });
+    publish_windowed(&state.js, msgs, 512)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // The tracker, alone, until everything is acknowledged.
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let tracker = Tracker {
+        js: state.js.clone(),
+        redis: state.redis.clone(),
+        config: config.clone(),
+        emit: true,
+    };
+    let start = Instant::now();
+    let task = tokio::spawn(run_tracker(tracker, shutdown));
+    let stream = state.js.get_stream("EVENTS_WRITING").await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(mut c) = stream.get_consumer::<pull::Config>(DURABLE).await {
+            let info = c.info().await?;
+            if info.ack_floor.stream_sequence >= args.batches && info.num_ack_pending == 0 {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(600),
+            "tracker did not finish within 10 minutes"
+        );
+    }
+    let tracker_secs = start.elapsed().as_secs_f64();
+    trigger.trigger();
+    let _ = task.await;
+    let words: u64 = {
+        let mut total = 0;
+        for s in 0..args.sessions.min(10) {
+            let l = store::load(&mut redis, &format!("bench-s{s}"))
+                .await?
+                .expect("session");
+            total += l.session.words_added;
+        }
+        total
+    };
+    anyhow::ensure!(words > 0, "the tracker applied nothing");
+
+    // Latency: keystroke POST → live metrics on the WebSocket, throttle off.
+    let latency = latency_scenario(&state, args.latency_samples).await?;
+    let results = vec![
+        TrackerResult {
+            bench: "tracker",
+            scenario: "baseline: bare pipelined Redis",
+            batches: args.batches,
+            seconds: base_secs,
+            batches_per_sec: base_rate,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            ratio_to_baseline: 1.0,
+            baseline_batches_per_sec: base_rate,
+        },
+        TrackerResult {
+            bench: "tracker",
+            scenario: "tracker: one instance",
+            batches: args.batches,
+            seconds: tracker_secs,
+            batches_per_sec: args.batches as f64 / tracker_secs,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            ratio_to_baseline: args.batches as f64 / tracker_secs / base_rate,
+            baseline_batches_per_sec: base_rate,
+        },
+        TrackerResult {
+            bench: "tracker",
+            scenario: "latency: POST → WebSocket",
+            batches: latency.len() as u64,
+            seconds: 0.0,
+            batches_per_sec: 0.0,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            ratio_to_baseline: 0.0,
+            baseline_batches_per_sec: base_rate,
+        },
+    ];
+    let (p50, p99, max) = percentiles(latency);
+    let mut results = results;
+    results[2].p50_ms = p50;
+    results[2].p99_ms = p99;
+    results[2].max_ms = max;
+    if args.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        println!(
+            "{:<34} {:>9} {:>12} {:>9} {:>9} {:>9} {:>7}",
+            "scenario", "batches", "batches/s", "p50 ms", "p99 ms", "max ms", "ratio"
+        );
+        for r in &results {
+            println!(
+                "{:<34} {:>9} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>6.2}x",
+                r.scenario,
+                r.batches,
+                r.batches_per_sec,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.ratio_to_baseline
+            );
+        }
+        println!(
+            "  {} sessions; the tracker publishes derived events and live metrics as in production",
+            args.sessions
+        );
+    }
+    bench.stop().await;
+    Ok(())
+}
+
+async fn latency_scenario(
+    state: &inkwire_shared::AppState,
+    samples: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut redis = state.redis.clone();
+    membership::set_member(&mut redis, "lat-p", "lat-u", Some(ProjectRole::Editor)).await?;
+    membership::register_document(&mut redis, "lat-p", "lat-d")
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let settings = inkwire::Settings {
+        writing: TrackerConfig {
+            live_interval: Duration::ZERO,
+            ..TrackerConfig::default()
+        },
+        ..Default::default()
+    };
+    let running = inkwire::start(state.clone(), settings, shutdown.clone()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut stop = shutdown.clone();
+    let server = tokio::spawn(http::serve_on(
+        listener,
+        running.router.clone(),
+        async move { stop.wait().await },
+    ));
+    let token = state.jwt.issue("lat-u", &[], Duration::from_secs(3600));
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/collaboration?token={token}"))
+            .await?;
+    ws.next().await; // welcome
+    ws.send(Message::Text(
+        json!({"op": "subscribe", "channel": "user:lat-u"})
+            .to_string()
+            .into(),
+    ))
+    .await?;
+    ws.next().await; // subscribed
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let started: serde_json::Value = client
+        .post(format!("{base}/api/realtime/writing/sessions/start"))
+        .bearer_auth(&token)
+        .json(&json!({"projectId": "lat-p", "documentId": "lat-d"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = started["sessionId"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("start failed: {started}"))?
+        .to_string();
+    let mut latencies = Vec::with_capacity(samples);
+    for n in 1..=samples as u64 {
+        let t = Instant::now();
+        let res = client
+            .post(format!(
+                "{base}/api/realtime/writing/sessions/{id}/keystroke"
+            ))
+            .bearer_auth(&token)
+            .json(&json!({"keys": 1, "charsAdded": 1, "charsDeleted": 0}))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            res.status().as_u16() == 202,
+            "keystroke answered {}",
+            res.status()
+        );
+        // Wait for the metrics that include this keystroke.
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("socket closed"))??;
+            let Message::Text(text) = msg else { continue };
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            if v["data"]["metrics"]["keystrokes"].as_u64() >= Some(n) {
+                break;
+            }
+        }
+        latencies.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    trigger.trigger();
+    let _ = server.await;
+    running.finished().await;
+    Ok(latencies)
+}
