@@ -161,6 +161,27 @@ pub struct ChannelMessage<'a> {
     pub ts: OffsetDateTime,
 }
 
+/// The message to publish to `channel` (for batched publishing with
+/// [`crate::jetstream::publish_windowed`]).
+pub fn outgoing(
+    channel: &Channel,
+    message_type: MessageType,
+    data: &Value,
+    msg_id: String,
+) -> Outgoing {
+    let payload = serde_json::to_vec(&ChannelMessage {
+        message_type,
+        data,
+        ts: OffsetDateTime::now_utc(),
+    })
+    .expect("channel messages serialize");
+    Outgoing {
+        subject: channel.subject(),
+        msg_id,
+        payload: Bytes::from(payload),
+    }
+}
+
 /// Publishes a message to `channel`. `msg_id` makes the publish idempotent (the same id is
 /// stored once within the duplicate window).
 pub async fn publish(

@@ -210,6 +210,88 @@ where
     Ok(stats)
 }
 
+/// Like [`run`], but hands the handler every message that is already here (up to
+/// `spec.batch`) at once, so it can group its reads and writes; the handler returns one
+/// outcome per delivery, in order.
+pub async fn run_batched<H, F>(
+    js: Context,
+    spec: ConsumerSpec,
+    handler: H,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<RunStats>
+where
+    H: Fn(Vec<Delivery>) -> F,
+    F: Future<Output = Vec<Result<(), HandlerError>>>,
+{
+    use futures::FutureExt;
+    let stream = js
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {}: {e}", spec.stream))?;
+    let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(&spec.durable, spec.consumer_config())
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
+    let advisories = spawn_max_delivery_watch(js.clone(), &spec).await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(spec.batch)
+        .expires(spec.fetch_expires)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
+    let mut stats = RunStats::default();
+    loop {
+        let first = tokio::select! {
+            n = messages.next() => n,
+            _ = shutdown.wait() => break,
+        };
+        let mut batch = match first {
+            Some(Ok(m)) => vec![m],
+            Some(Err(e)) => {
+                tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
+                continue;
+            }
+            None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+        };
+        while batch.len() < spec.batch {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut kept = Vec::with_capacity(batch.len());
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for m in batch {
+            if let Some(d) = delivery_of(&m).await {
+                deliveries.push(d);
+                kept.push(m);
+            }
+        }
+        let outcomes = match tokio::time::timeout(spec.ack_wait, handler(deliveries)).await {
+            Ok(o) => o,
+            Err(_) => vec![
+                Err(HandlerError::Retry(format!(
+                    "batch handler took longer than {:?}",
+                    spec.ack_wait
+                )));
+                kept.len()
+            ],
+        };
+        for (msg, outcome) in
+            kept.into_iter()
+                .zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
+                    Err(HandlerError::Retry("no outcome from the handler".into()))
+                })))
+        {
+            settle(&js, &spec, msg, outcome, &mut stats).await;
+        }
+    }
+    release_buffered(&mut messages).await;
+    advisories.abort();
+    Ok(stats)
+}
+
 /// Naks (without delay) the messages that already reached this process, so that
 /// another instance gets them at once instead of after `ack_wait`.
 async fn release_buffered(messages: &mut async_nats::jetstream::consumer::pull::Stream) {
@@ -230,20 +312,8 @@ async fn handle_one<H, F>(
     H: Fn(Delivery) -> F,
     F: Future<Output = Result<(), HandlerError>>,
 {
-    let (seq, deliveries) = match msg.info() {
-        Ok(info) => (info.stream_sequence, info.delivered),
-        Err(e) => {
-            tracing::warn!(error = %e, "message without JetStream metadata; terminating");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return;
-        }
-    };
-    let delivery = Delivery {
-        subject: msg.subject.to_string(),
-        payload: msg.payload.clone(),
-        headers: msg.headers.clone(),
-        stream_sequence: seq,
-        deliveries,
+    let Some(delivery) = delivery_of(&msg).await else {
+        return;
     };
     // A handler that outlives ack_wait would be redelivered anyway: count it as a retry.
     let outcome = match tokio::time::timeout(spec.ack_wait, handler(delivery)).await {
@@ -252,6 +322,39 @@ async fn handle_one<H, F>(
             "handler took longer than {:?}",
             spec.ack_wait
         ))),
+    };
+    settle(js, spec, msg, outcome, stats).await;
+}
+
+/// The handler's view of a message; terminates messages without JetStream metadata.
+async fn delivery_of(msg: &Message) -> Option<Delivery> {
+    match msg.info() {
+        Ok(info) => Some(Delivery {
+            subject: msg.subject.to_string(),
+            payload: msg.payload.clone(),
+            headers: msg.headers.clone(),
+            stream_sequence: info.stream_sequence,
+            deliveries: info.delivered,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "message without JetStream metadata; terminating");
+            let _ = msg.ack_with(AckKind::Term).await;
+            None
+        }
+    }
+}
+
+/// Acks, naks with backoff, or dead-letters a message according to its handler's outcome.
+async fn settle(
+    js: &Context,
+    spec: &ConsumerSpec,
+    msg: Message,
+    outcome: Result<(), HandlerError>,
+    stats: &mut RunStats,
+) {
+    let (seq, deliveries) = match msg.info() {
+        Ok(info) => (info.stream_sequence, info.delivered),
+        Err(_) => return,
     };
     match outcome {
         Ok(()) => {

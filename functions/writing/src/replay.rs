@@ -86,19 +86,24 @@ pub async fn replay(
         let Some(last) = page.last().map(|m| m.sequence) else {
             break;
         };
-        for m in page {
-            let delivery = Delivery {
-                subject: String::new(),
-                payload: m.payload,
-                headers: None,
-                stream_sequence: m.sequence,
-                deliveries: 1,
-            };
-            match tracker.handle(delivery).await {
-                Ok(()) => stats.events += 1,
-                Err(HandlerError::Permanent(reason)) | Err(HandlerError::Retry(reason)) => {
-                    tracing::warn!(seq = m.sequence, %reason, "event skipped during replay");
-                    stats.skipped += 1;
+        for chunk in page.chunks(500) {
+            let deliveries: Vec<Delivery> = chunk
+                .iter()
+                .map(|m| Delivery {
+                    subject: String::new(),
+                    payload: m.payload.clone(),
+                    headers: None,
+                    stream_sequence: m.sequence,
+                    deliveries: 1,
+                })
+                .collect();
+            for (m, outcome) in chunk.iter().zip(tracker.handle_batch(deliveries).await) {
+                match outcome {
+                    Ok(()) => stats.events += 1,
+                    Err(HandlerError::Permanent(reason)) | Err(HandlerError::Retry(reason)) => {
+                        tracing::warn!(seq = m.sequence, %reason, "event skipped during replay");
+                        stats.skipped += 1;
+                    }
                 }
             }
         }

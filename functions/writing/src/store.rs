@@ -68,7 +68,7 @@ pub async fn load(redis: &mut ConnectionManager, id: &str) -> redis::RedisResult
 }
 
 /// Saves `session` if nobody saved it since `version` was read; also maintains the active
-/// sets, the due queue, and per-day word totals (`words_delta` words written `day`).
+/// sets, the due queue, and per-day word totals (a JSON object `{day: words}`).
 const SAVE: &str = r#"
 local key, meta, due = KEYS[1], KEYS[2], KEYS[3]
 local current = tonumber(redis.call('HGET', meta, 'version') or '0')
@@ -84,34 +84,46 @@ else
   redis.call('SADD', KEYS[4], id) if KEYS[5] ~= '' then redis.call('SADD', KEYS[5], id) end
   if due_at > 0 then redis.call('ZADD', due, due_at, id) else redis.call('ZREM', due, id) end
 end
-local words = tonumber(ARGV[7])
-if words ~= 0 then
-  redis.call('HINCRBY', KEYS[6], ARGV[8], words)
-  if KEYS[7] ~= '' then redis.call('HINCRBY', KEYS[7], ARGV[8], words) end
+for day, words in pairs(cjson.decode(ARGV[7])) do
+  if words ~= 0 then
+    redis.call('HINCRBY', KEYS[6], day, words)
+    if KEYS[7] ~= '' then redis.call('HINCRBY', KEYS[7], day, words) end
+  end
 end
 return 1
 "#;
 
-/// Saves a session; false when another writer got there first (reload and retry).
-pub async fn save(
-    redis: &mut ConnectionManager,
+fn save_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(SAVE))
+}
+
+/// Makes sure the save script is loaded (for [`save_cmd`] in pipelines).
+pub async fn load_scripts(redis: &mut ConnectionManager) -> redis::RedisResult<()> {
+    save_script().load_async(redis).await.map(|_| ())
+}
+
+/// The save as one command (EVALSHA; call [`load_scripts`] first), answering 1 when saved and
+/// 0 on a version conflict.
+pub fn save_cmd(
     session: &Session,
     version: u64,
     cfg: &TrackerConfig,
-    words_delta: i64,
-    day: &str,
-) -> redis::RedisResult<bool> {
+    day_words: &std::collections::BTreeMap<String, i64>,
+) -> redis::Cmd {
     let key = session_key(&session.id);
     let project = session.project_id.as_deref();
     let due_at = session.next_due(cfg).map_or(0, |(at, _, _)| at);
-    let saved: i64 = redis::Script::new(SAVE)
-        .key(&key)
-        .key(format!("{key}:meta"))
-        .key(DUE_KEY)
-        .key(user_active_key(&session.user_id))
-        .key(project.map(project_active_key).unwrap_or_default())
-        .key(user_days_key(&session.user_id))
-        .key(project.map(project_days_key).unwrap_or_default())
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(save_script().get_hash())
+        .arg(7)
+        .arg(&key)
+        .arg(format!("{key}:meta"))
+        .arg(DUE_KEY)
+        .arg(user_active_key(&session.user_id))
+        .arg(project.map(project_active_key).unwrap_or_default())
+        .arg(user_days_key(&session.user_id))
+        .arg(project.map(project_days_key).unwrap_or_default())
         .arg(version)
         .arg(serde_json::to_string(session).expect("sessions serialize"))
         .arg(&session.id)
@@ -122,9 +134,26 @@ pub async fn save(
         })
         .arg(due_at)
         .arg(ENDED_TTL_SECS)
-        .arg(words_delta)
-        .arg(day)
-        .invoke_async(redis)
+        .arg(serde_json::to_string(day_words).expect("maps serialize"));
+    cmd
+}
+
+/// Saves a session; false when another writer got there first (reload and retry).
+pub async fn save(
+    redis: &mut ConnectionManager,
+    session: &Session,
+    version: u64,
+    cfg: &TrackerConfig,
+    words_delta: i64,
+    day: &str,
+) -> redis::RedisResult<bool> {
+    load_scripts(redis).await?;
+    let mut days = std::collections::BTreeMap::new();
+    if words_delta != 0 {
+        days.insert(day.to_string(), words_delta);
+    }
+    let saved: i64 = save_cmd(session, version, cfg, &days)
+        .query_async(redis)
         .await?;
     Ok(saved == 1)
 }
