@@ -295,11 +295,15 @@ impl Tracker {
                 pushes.extend(live_messages(session, &transitions, at, seq));
             }
         }
-        // Live metrics are best effort: the projection is saved.
-        if !pushes.is_empty()
-            && let Err(e) = publish_windowed(&self.js, pushes, 512).await
-        {
-            tracing::warn!(error = %e, "live metrics push failed");
+        // Live metrics are best effort (the projection is saved): sent in the background so
+        // the next batch does not wait for their acks.
+        if !pushes.is_empty() {
+            let js = self.js.clone();
+            tokio::spawn(async move {
+                if let Err(e) = publish_windowed(&js, pushes, 512).await {
+                    tracing::warn!(error = %e, "live metrics push failed");
+                }
+            });
         }
         outcomes
     }
