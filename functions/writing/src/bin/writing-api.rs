@@ -1,0 +1,30 @@
+//! The writing-session API as its own binary: on AWS Lambda when `AWS_LAMBDA_RUNTIME_API` is
+//! set, otherwise listening on `INKWIRE_HTTP_ADDR`. The tracker runs separately
+//! (`writing-tracker`).
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::sync::Arc;
+
+use inkwire_shared::{AppState, config::Config, http, telemetry};
+use inkwire_writing::api::{WritingApi, routes};
+use inkwire_writing::state_machine::TrackerConfig;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let config = Config::from_env()?;
+    let writing = TrackerConfig::from_env()?;
+    let addr = config.http_addr;
+    let app = AppState::connect(config, "inkwire-writing-api").await?;
+    let health = http::health_routes().with_state(app.clone());
+    let router = http::with_fallbacks(
+        routes(WritingApi {
+            app,
+            config: Arc::new(writing),
+        })
+        .merge(health),
+    );
+    http::serve(router, addr, http::shutdown_signal()).await
+}
