@@ -158,6 +158,36 @@ impl Shutdown {
     }
 }
 
+/// Creates the durable consumer if needed, starts watching its max-deliveries advisories and
+/// opens one long-lived pull stream on it (a single inbox, pull requests renewed as messages
+/// are consumed, idle heartbeats to detect a lost server). Separate short fetches, each with
+/// its own inbox, lose a message that the server delivers just as a request expires.
+async fn open(
+    js: &Context,
+    spec: &ConsumerSpec,
+) -> anyhow::Result<(
+    async_nats::jetstream::consumer::pull::Stream,
+    tokio::task::JoinHandle<()>,
+)> {
+    let stream = js
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|e| anyhow::anyhow!("stream {}: {e}", spec.stream))?;
+    let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(&spec.durable, spec.consumer_config())
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
+    let advisories = spawn_max_delivery_watch(js.clone(), spec).await?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(spec.batch)
+        .expires(spec.fetch_expires)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
+    Ok((messages, advisories))
+}
+
 /// Creates the durable consumer if needed and processes messages until `shutdown`.
 pub async fn run<H, F>(
     js: Context,
@@ -169,26 +199,7 @@ where
     H: Fn(Delivery) -> F,
     F: Future<Output = Result<(), HandlerError>>,
 {
-    let stream = js
-        .get_stream(&spec.stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {}: {e}", spec.stream))?;
-    let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(&spec.durable, spec.consumer_config())
-        .await
-        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
-    let advisories = spawn_max_delivery_watch(js.clone(), &spec).await?;
-
-    // One long-lived pull stream (a single inbox, pull requests renewed as messages are
-    // consumed, idle heartbeats to detect a lost server). Separate short fetches each with
-    // their own inbox lose a message that the server delivers just as a request expires.
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(spec.batch)
-        .expires(spec.fetch_expires)
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
+    let (mut messages, advisories) = open(&js, &spec).await?;
     let mut stats = RunStats::default();
     loop {
         let next = tokio::select! {
@@ -224,22 +235,7 @@ where
     F: Future<Output = Vec<Result<(), HandlerError>>>,
 {
     use futures::FutureExt;
-    let stream = js
-        .get_stream(&spec.stream)
-        .await
-        .map_err(|e| anyhow::anyhow!("stream {}: {e}", spec.stream))?;
-    let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(&spec.durable, spec.consumer_config())
-        .await
-        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
-    let advisories = spawn_max_delivery_watch(js.clone(), &spec).await?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(spec.batch)
-        .expires(spec.fetch_expires)
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("consumer {}: {e}", spec.durable))?;
+    let (mut messages, advisories) = open(&js, &spec).await?;
     let mut stats = RunStats::default();
     loop {
         let first = tokio::select! {

@@ -18,6 +18,13 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// What every binary does first: tracing, configuration from the environment, and the
+    /// connections (streams provisioned).
+    pub async fn start_from_env(name: &str) -> anyhow::Result<AppState> {
+        crate::telemetry::init();
+        AppState::connect(Config::from_env()?, name).await
+    }
+
     /// Connects to NATS and Redis and provisions the JetStream streams.
     pub async fn connect(config: Config, name: &str) -> anyhow::Result<AppState> {
         let nats = crate::jetstream::connect(&config.nats_url, name).await?;

@@ -6,13 +6,11 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use inkwire_shared::{AppState, config::Config, http, telemetry};
+use inkwire_shared::{AppState, http};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
-    let config = Config::from_env()?;
-    let addr = config.http_addr;
-    let state = AppState::connect(config, "inkwire-events").await?;
+    let state = AppState::start_from_env("inkwire-events").await?;
+    let addr = state.config.http_addr;
     http::serve(inkwire_events::app(state), addr, http::shutdown_signal()).await
 }

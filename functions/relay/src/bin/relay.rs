@@ -7,15 +7,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use inkwire_relay::{Relay, RelayConfig};
 use inkwire_shared::consumer::ShutdownTrigger;
-use inkwire_shared::{AppState, config::Config, http, telemetry};
+use inkwire_shared::{AppState, http};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
-    let config = Config::from_env()?;
     let relay_config = RelayConfig::from_env()?;
-    let addr = config.http_addr;
-    let app = AppState::connect(config, "inkwire-relay").await?;
+    let app = AppState::start_from_env("inkwire-relay").await?;
+    let addr = app.config.http_addr;
     let (trigger, shutdown) = ShutdownTrigger::new();
     let relay = Relay::new(app.clone(), relay_config.clone(), shutdown.clone());
     relay.start_background().await?;

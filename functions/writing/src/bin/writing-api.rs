@@ -7,17 +7,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::sync::Arc;
 
-use inkwire_shared::{AppState, config::Config, http, telemetry};
+use inkwire_shared::{AppState, http};
 use inkwire_writing::api::{WritingApi, routes};
 use inkwire_writing::state_machine::TrackerConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
-    let config = Config::from_env()?;
     let writing = TrackerConfig::from_env()?;
-    let addr = config.http_addr;
-    let app = AppState::connect(config, "inkwire-writing-api").await?;
+    let app = AppState::start_from_env("inkwire-writing-api").await?;
+    let addr = app.config.http_addr;
     let health = http::health_routes().with_state(app.clone());
     let router = http::with_fallbacks(
         routes(WritingApi {

@@ -8,16 +8,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Duration;
 
 use inkwire_shared::consumer::ShutdownTrigger;
-use inkwire_shared::{AppState, config::Config, http, telemetry};
+use inkwire_shared::{AppState, http};
 use inkwire_writing::state_machine::TrackerConfig;
 use inkwire_writing::tracker::{Tracker, run_tracker};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    telemetry::init();
-    let config = Config::from_env()?;
     let writing = TrackerConfig::from_env()?;
-    let app = AppState::connect(config, "inkwire-writing-tracker").await?;
+    let app = AppState::start_from_env("inkwire-writing-tracker").await?;
     let (trigger, shutdown) = ShutdownTrigger::new();
     let tracker = Tracker {
         js: app.js.clone(),
