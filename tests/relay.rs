@@ -581,7 +581,7 @@ async fn server_api_and_router_deliver_to_the_right_people() {
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let event = json!({"category": "writing", "type": "word_added", "userId": "bob", "documentId": "d-1", "data": {"sessionId": "s", "words": 2}});
+    let event = json!({"category": "writing", "type": "paragraph_completed", "userId": "bob", "documentId": "d-1", "data": {"sessionId": "s", "words": 2}});
     let (status, published) = env
         .post("/api/realtime/events/publish", &env.token("bob"), &event)
         .await;
@@ -591,9 +591,9 @@ async fn server_api_and_router_deliver_to_the_right_people() {
         assert_eq!(m["type"], "document_update", "{m}");
         assert_eq!(
             m["data"]["id"], published["id"],
-            "the word_added event, not the keystroke"
+            "the paragraph_completed event, not the keystroke"
         );
-        assert_eq!(m["data"]["type"], "word_added");
+        assert_eq!(m["data"]["type"], "paragraph_completed");
     }
 
     // Metrics need a token.

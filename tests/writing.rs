@@ -453,3 +453,47 @@ async fn a_redelivered_batch_is_counted_once() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn events_for_someone_elses_session_are_ignored() {
+    let env = env().await;
+    env.add_member("p-1", "mallory", ProjectRole::Editor).await;
+    let alice = env.token("alice");
+    let (_, started) = env
+        .post(
+            START,
+            &alice,
+            &json!({"projectId": "p-1", "documentId": "d-1"}),
+        )
+        .await;
+    let id = started["sessionId"].as_str().unwrap().to_string();
+    // Mallory publishes a keystroke event of her own that names Alice's session.
+    let forged = json!({"category": "writing", "type": "keystroke", "userId": "mallory", "projectId": "p-1",
+        "data": {"sessionId": id, "keys": 100, "charsAdded": 500, "charsDeleted": 0, "wordsAdded": 100}});
+    let (status, _) = env
+        .post(
+            "/api/realtime/events/publish",
+            &env.token("mallory"),
+            &forged,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "her own event is valid on the events API"
+    );
+    let (status, _) = env
+        .post(
+            &path(&id, "keystroke"),
+            &alice,
+            &json!({"keys": 3, "charsAdded": 3, "charsDeleted": 0, "wordsAdded": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let m = wait_for_state(&env, &alice, &id, "warming_up", Duration::from_secs(3)).await;
+    assert_eq!(
+        (m["words"].as_u64(), m["keystrokes"].as_u64()),
+        (Some(1), Some(3)),
+        "{m}"
+    );
+}

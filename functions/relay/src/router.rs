@@ -3,8 +3,9 @@
 //! event names them.
 //!
 //! Which event types are forwarded is configurable: `INKWIRE_ROUTER_EXCLUDE` is a
-//! comma-separated list of `category.type` or `category.*` (default `writing.keystroke`: raw
-//! keystrokes are many and say nothing a watcher needs). The relay message type follows the
+//! comma-separated list of `category.type` or `category.*` (default `writing.keystroke,
+//! writing.word_added`: raw keystrokes and per-batch word counts are many and say nothing a
+//! watcher needs; the writing tracker pushes throttled live metrics instead). The relay message type follows the
 //! event: collaboration presence events (`user_joined`, `user_left`, `cursor_moved`) are
 //! `presence_update`, other writing and collaboration events `document_update`, everything
 //! else `system`; `data` is the whole event envelope. Forwarding is idempotent: each channel
@@ -32,7 +33,11 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
-            exclude: ["writing.keystroke".to_string()].into(),
+            exclude: [
+                "writing.keystroke".to_string(),
+                "writing.word_added".to_string(),
+            ]
+            .into(),
         }
     }
 }
@@ -153,7 +158,8 @@ mod tests {
     fn exclusions() {
         let d = RouterConfig::default();
         assert!(!d.forwards(Category::Writing, "keystroke"));
-        assert!(d.forwards(Category::Writing, "word_added"));
+        assert!(!d.forwards(Category::Writing, "word_added"));
+        assert!(d.forwards(Category::Writing, "flow_state_entered"));
         let c = RouterConfig::parse("analytics.*, writing.keystroke").unwrap();
         assert!(!c.forwards(Category::Analytics, "metric_updated"));
         assert!(RouterConfig::parse("writing.sneeze").is_err());

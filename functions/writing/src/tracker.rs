@@ -181,6 +181,13 @@ impl Tracker {
                     g.session = Some(s);
                 }
                 let session = g.session.as_mut().expect("created above");
+                // Only the owner's events move a session: the events API lets anyone publish
+                // their own events, and a foreign sessionId must not reach someone else's.
+                if event.user_id != session.user_id {
+                    tracing::warn!(session = %g.id, user = %event.user_id, "event for another user's session ignored");
+                    g.items.push((i, event, seq));
+                    continue;
+                }
                 if session.first_time(seq) {
                     let words_before = session.net_words();
                     let emitted = match event.event_type.as_str() {
