@@ -429,12 +429,7 @@ async fn a_redelivered_batch_is_counted_once() {
         .await;
     let id = started["sessionId"].as_str().unwrap().to_string();
     wait_for_state(&env, &alice, &id, "idle", Duration::from_secs(2)).await;
-    let tracker = Tracker {
-        js: env.state.js.clone(),
-        redis: env.state.redis.clone(),
-        config: fast(),
-        emit: false,
-    };
+    let tracker = Tracker::new(env.state.js.clone(), env.state.redis.clone(), fast(), false);
     let event = json!({"id": uuid::Uuid::new_v4().to_string(), "category": "writing", "type": "keystroke", "userId": "alice",
         "projectId": "p-1", "timestamp": "2030-01-01T00:00:00Z", "data": {"sessionId": id, "keys": 9, "charsAdded": 9, "charsDeleted": 0, "wordsAdded": 4}});
     let delivery = |n| Delivery {

@@ -52,12 +52,12 @@ pub async fn start(
         settings.relay.router.clone(),
         shutdown.clone(),
     ));
-    let tracker = Tracker {
-        js: state.js.clone(),
-        redis: state.redis.clone(),
-        config: settings.writing.clone(),
-        emit: true,
-    };
+    let tracker = Tracker::new(
+        state.js.clone(),
+        state.redis.clone(),
+        settings.writing.clone(),
+        true,
+    );
     let tracker_task = tokio::spawn(inkwire_writing::tracker::run_tracker(
         tracker,
         shutdown.clone(),

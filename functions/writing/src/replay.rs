@@ -63,12 +63,7 @@ pub async fn replay(
             .query_async::<()>(&mut conn)
             .await?;
     }
-    let tracker = Tracker {
-        js: js.clone(),
-        redis: redis.clone(),
-        config,
-        emit: false,
-    };
+    let tracker = Tracker::new(js.clone(), redis.clone(), config, false);
     let stream = subjects::event_stream(Category::Writing);
     let mut next = 1u64;
     loop {

@@ -12,15 +12,35 @@ use crate::state_machine::{SessionState, TrackerConfig, allowed};
 /// Seconds of per-second history kept for the WPM and revision windows (5 minutes).
 pub const WINDOW_SECS: u64 = 300;
 /// Stream sequences remembered to recognise a redelivered message.
-const RECENT_SEQS: usize = 64;
+const RECENT_SEQS: usize = 32;
 
-/// Production in one second.
+/// Production in one second. Stored as a compact `[sec, words, added, deleted]` array: a
+/// session keeps up to 300 of them and is saved on every batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(into = "[u64; 4]", from = "[u64; 4]")]
 pub struct Bucket {
     pub sec: u64,
     pub words: u32,
     pub added: u32,
     pub deleted: u32,
+}
+
+impl From<Bucket> for [u64; 4] {
+    fn from(b: Bucket) -> [u64; 4] {
+        [b.sec, b.words as u64, b.added as u64, b.deleted as u64]
+    }
+}
+
+impl From<[u64; 4]> for Bucket {
+    fn from(a: [u64; 4]) -> Bucket {
+        let small = |x: u64| x.min(u32::MAX as u64) as u32;
+        Bucket {
+            sec: a[0],
+            words: small(a[1]),
+            added: small(a[2]),
+            deleted: small(a[3]),
+        }
+    }
 }
 
 /// One keystroke batch as the tracker applies it.

@@ -9,6 +9,7 @@
 //! a function of the stream alone, which is what makes `inkwire replay writing` exact.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -39,6 +40,32 @@ pub struct Tracker {
     pub config: TrackerConfig,
     /// Off during a replay: the derived events are in the stream already.
     pub emit: bool,
+    /// Sessions as this instance last saved them, by id, with their version: a batch then
+    /// reads only the versions and fetches just the sessions someone else changed.
+    pub cache: SessionCache,
+}
+
+/// See [`Tracker::cache`].
+pub type SessionCache = Arc<Mutex<HashMap<String, (Session, u64)>>>;
+
+/// Sessions kept in the cache before it is emptied (a bound, not a tuning knob).
+const CACHE_LIMIT: usize = 200_000;
+
+impl Tracker {
+    pub fn new(
+        js: jetstream::Context,
+        redis: ConnectionManager,
+        config: TrackerConfig,
+        emit: bool,
+    ) -> Tracker {
+        Tracker {
+            js,
+            redis,
+            config,
+            emit,
+            cache: SessionCache::default(),
+        }
+    }
 }
 
 fn ms(t: OffsetDateTime) -> u64 {
@@ -113,24 +140,52 @@ impl Tracker {
             };
         let mut redis = self.redis.clone();
 
-        // Load every session in one round trip.
+        // Load: the versions of every session in one round trip, then only the sessions
+        // that are not in the cache at that version in a second one.
         let mut pipe = redis::pipe();
         for g in &groups {
-            pipe.get(store::session_key(&g.id))
-                .hget(format!("{}:meta", store::session_key(&g.id)), "version");
+            pipe.hget(format!("{}:meta", store::session_key(&g.id)), "version");
         }
-        let loaded: Vec<Option<String>> = match pipe.query_async(&mut redis).await {
+        let versions: Vec<Option<u64>> = match pipe.query_async(&mut redis).await {
             Ok(v) => v,
             Err(e) => {
                 fail_all(&mut outcomes, &groups, e.to_string());
                 return outcomes;
             }
         };
-        for (g, pair) in groups.iter_mut().zip(loaded.chunks(2)) {
-            g.session = pair[0]
-                .as_deref()
-                .and_then(|j| serde_json::from_str(j).ok());
-            g.version = pair[1].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut missing = Vec::new();
+        {
+            let cache = self.cache.lock().expect("session cache lock");
+            for (gi, (g, v)) in groups.iter_mut().zip(versions).enumerate() {
+                g.version = v.unwrap_or(0);
+                match cache.get(&g.id) {
+                    Some((s, cv)) if v == Some(*cv) => g.session = Some(s.clone()),
+                    _ if v.is_some() => missing.push(gi),
+                    _ => {}
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let mut pipe = redis::pipe();
+            for gi in &missing {
+                let id = &groups[*gi].id;
+                pipe.get(store::session_key(id))
+                    .hget(format!("{}:meta", store::session_key(id)), "version");
+            }
+            let loaded: Vec<Option<String>> = match pipe.query_async(&mut redis).await {
+                Ok(v) => v,
+                Err(e) => {
+                    fail_all(&mut outcomes, &groups, e.to_string());
+                    return outcomes;
+                }
+            };
+            for (gi, pair) in missing.into_iter().zip(loaded.chunks(2)) {
+                let g = &mut groups[gi];
+                g.session = pair[0]
+                    .as_deref()
+                    .and_then(|j| serde_json::from_str(j).ok());
+                g.version = pair[1].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
         }
 
         // Apply in memory.
@@ -265,6 +320,15 @@ impl Tracker {
         for (gi, ok) in saved {
             let g = &groups[gi];
             let session = g.session.as_ref().expect("saved sessions exist");
+            if ok == 1 {
+                let mut cache = self.cache.lock().expect("session cache lock");
+                if cache.len() >= CACHE_LIMIT {
+                    cache.clear();
+                }
+                cache.insert(g.id.clone(), (session.clone(), g.version + 1));
+            } else {
+                self.cache.lock().expect("session cache lock").remove(&g.id);
+            }
             if ok != 1 {
                 // Another instance saved this session meanwhile: apply again from its state.
                 for (i, _, _) in &g.items {

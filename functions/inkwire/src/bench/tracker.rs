@@ -137,12 +137,7 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
 
     // The tracker, alone, until everything is acknowledged.
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let tracker = Tracker {
-        js: state.js.clone(),
-        redis: state.redis.clone(),
-        config: config.clone(),
-        emit: true,
-    };
+    let tracker = Tracker::new(state.js.clone(), state.redis.clone(), config.clone(), true);
     let start = Instant::now();
     let task = tokio::spawn(run_tracker(tracker, shutdown));
     let stream = state.js.get_stream("EVENTS_WRITING").await?;

@@ -17,12 +17,7 @@ async fn main() -> anyhow::Result<()> {
     let writing = TrackerConfig::from_env()?;
     let app = AppState::start_from_env("inkwire-writing-tracker").await?;
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let tracker = Tracker {
-        js: app.js.clone(),
-        redis: app.redis.clone(),
-        config: writing.clone(),
-        emit: true,
-    };
+    let tracker = Tracker::new(app.js.clone(), app.redis.clone(), writing.clone(), true);
     let tracker_task = tokio::spawn(run_tracker(tracker, shutdown.clone()));
     let scheduler_task = tokio::spawn(inkwire_writing::scheduler::run_scheduler(
         app.js.clone(),
