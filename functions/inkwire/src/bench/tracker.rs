@@ -43,6 +43,9 @@ pub struct TrackerArgs {
     /// Keystroke POSTs timed for the latency scenario.
     #[arg(long, default_value_t = 300)]
     latency_samples: usize,
+    /// Do not publish derived events and live pushes (to see what they cost).
+    #[arg(long)]
+    no_emit: bool,
     #[arg(long)]
     nats_url: Option<String>,
     #[arg(long)]
@@ -137,7 +140,12 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
 
     // The tracker, alone, until everything is acknowledged.
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let tracker = Tracker::new(state.js.clone(), state.redis.clone(), config.clone(), true);
+    let tracker = Tracker::new(
+        state.js.clone(),
+        state.redis.clone(),
+        config.clone(),
+        !args.no_emit,
+    );
     let start = Instant::now();
     let task = tokio::spawn(run_tracker(tracker, shutdown));
     let stream = state.js.get_stream("EVENTS_WRITING").await?;
