@@ -37,6 +37,18 @@ async fn env() -> TestEnv {
     env
 }
 
+/// Starts a session for `token`'s user in p-1/d-1 and returns its id.
+async fn start_session(env: &TestEnv, token: &str) -> String {
+    let (_, started) = env
+        .post(
+            START,
+            token,
+            &json!({"projectId": "p-1", "documentId": "d-1"}),
+        )
+        .await;
+    started["sessionId"].as_str().unwrap().to_string()
+}
+
 fn path(id: &str, action: &str) -> String {
     format!("/api/realtime/writing/sessions/{id}/{action}")
 }
@@ -380,14 +392,7 @@ async fn words_per_local_day_goal_and_streak() {
     assert_eq!(status, StatusCode::OK, "{stats}");
     assert_eq!(stats["timeZone"], "Pacific/Kiritimati");
     assert_eq!(stats["streakDays"], 0);
-    let (_, started) = env
-        .post(
-            START,
-            &alice,
-            &json!({"projectId": "p-1", "documentId": "d-1"}),
-        )
-        .await;
-    let id = started["sessionId"].as_str().unwrap().to_string();
+    let id = start_session(&env, &alice).await;
     for words in [1, 2] {
         let (status, _) = env
             .post(
@@ -420,14 +425,7 @@ async fn words_per_local_day_goal_and_streak() {
 async fn a_redelivered_batch_is_counted_once() {
     let env = env().await;
     let alice = env.token("alice");
-    let (_, started) = env
-        .post(
-            START,
-            &alice,
-            &json!({"projectId": "p-1", "documentId": "d-1"}),
-        )
-        .await;
-    let id = started["sessionId"].as_str().unwrap().to_string();
+    let id = start_session(&env, &alice).await;
     wait_for_state(&env, &alice, &id, "idle", Duration::from_secs(2)).await;
     let tracker = Tracker::new(env.state.js.clone(), env.state.redis.clone(), fast(), false);
     let event = json!({"id": uuid::Uuid::new_v4().to_string(), "category": "writing", "type": "keystroke", "userId": "alice",
@@ -454,14 +452,7 @@ async fn events_for_someone_elses_session_are_ignored() {
     let env = env().await;
     env.add_member("p-1", "mallory", ProjectRole::Editor).await;
     let alice = env.token("alice");
-    let (_, started) = env
-        .post(
-            START,
-            &alice,
-            &json!({"projectId": "p-1", "documentId": "d-1"}),
-        )
-        .await;
-    let id = started["sessionId"].as_str().unwrap().to_string();
+    let id = start_session(&env, &alice).await;
     // Mallory publishes a keystroke event of her own that names Alice's session.
     let forged = json!({"category": "writing", "type": "keystroke", "userId": "mallory", "projectId": "p-1",
         "data": {"sessionId": id, "keys": 100, "charsAdded": 500, "charsDeleted": 0, "wordsAdded": 100}});

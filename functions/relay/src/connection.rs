@@ -315,14 +315,25 @@ impl Conn {
         if ok { None } else { Some(None) }
     }
 
+    /// Parses a channel name, answering `unknown_channel` when it is not one; the error
+    /// carries whether the connection is still usable.
+    async fn parse_channel(
+        &mut self,
+        name: &str,
+        reference: Option<&Value>,
+    ) -> Result<Channel, bool> {
+        match Channel::parse(name) {
+            Ok(c) => Ok(c),
+            Err(e) => Err(self
+                .send_error(codes::UNKNOWN_CHANNEL, &e.to_string(), reference)
+                .await),
+        }
+    }
+
     async fn unsubscribe(&mut self, name: String, reference: Option<&Value>) -> bool {
-        let channel = match Channel::parse(&name) {
+        let channel = match self.parse_channel(&name, reference).await {
             Ok(c) => c,
-            Err(e) => {
-                return self
-                    .send_error(codes::UNKNOWN_CHANNEL, &e.to_string(), reference)
-                    .await;
-            }
+            Err(still_open) => return still_open,
         };
         if !self.channels.remove(&channel) {
             return self
@@ -349,13 +360,9 @@ impl Conn {
         since: Option<u64>,
         reference: Option<&Value>,
     ) -> bool {
-        let channel = match Channel::parse(&name) {
+        let channel = match self.parse_channel(&name, reference).await {
             Ok(c) => c,
-            Err(e) => {
-                return self
-                    .send_error(codes::UNKNOWN_CHANNEL, &e.to_string(), reference)
-                    .await;
-            }
+            Err(still_open) => return still_open,
         };
         if !self.path.allows(channel.kind) {
             let message = format!(
