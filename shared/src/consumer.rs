@@ -10,6 +10,10 @@
 //!   timed out (a crashed or hung handler) is dead-lettered as well;
 //! - on shutdown the runner finishes the message in hand, releases the rest of the batch
 //!   (nak without delay) and returns.
+//!
+//! Three shapes: [`run`] (one message at a time), [`run_batched`] (what is at hand, settled
+//! together) and [`run_write_behind`] (a worker that applies in memory and makes its state
+//! durable in periodic flushes; each message is acked only after the flush that covers it).
 
 use std::future::Future;
 use std::time::Duration;
@@ -44,6 +48,9 @@ pub struct ConsumerSpec {
     /// How long one pull request waits for messages before it is renewed.
     pub fetch_expires: Duration,
     pub deliver_policy: DeliverPolicy,
+    /// Unacknowledged messages the server lets this consumer have; by default four batches.
+    /// A write-behind worker holds a whole flush's worth.
+    pub max_ack_pending: Option<i64>,
 }
 
 impl ConsumerSpec {
@@ -65,6 +72,7 @@ impl ConsumerSpec {
             batch: 50,
             fetch_expires: Duration::from_secs(1),
             deliver_policy: DeliverPolicy::All,
+            max_ack_pending: None,
         }
     }
 
@@ -91,7 +99,9 @@ impl ConsumerSpec {
             max_deliver: self.max_deliver,
             deliver_policy: self.deliver_policy,
             // Bounded in-flight work: at most a few batches unacknowledged.
-            max_ack_pending: (self.batch as i64 * 4).max(100),
+            max_ack_pending: self
+                .max_ack_pending
+                .unwrap_or((self.batch as i64 * 4).max(100)),
             ..Default::default()
         }
     }
@@ -102,7 +112,6 @@ impl ConsumerSpec {
 pub struct Delivery {
     pub subject: String,
     pub payload: Bytes,
-    pub headers: Option<HeaderMap>,
     pub stream_sequence: u64,
     /// 1 on the first delivery.
     pub deliveries: i64,
@@ -288,6 +297,234 @@ where
     Ok(stats)
 }
 
+/// What a write-behind worker decided for one delivery.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Nothing to make durable (ignored, or a duplicate): ack now.
+    Done,
+    /// Applied in memory: ack once a flush reports it durable.
+    Pending,
+    /// Failed: nak with backoff or dead-letter, as in [`run`].
+    Failed(HandlerError),
+}
+
+/// A worker that applies messages to state it holds in memory and makes that state durable
+/// in flushes (one write per changed item instead of one per message). A flush may start a
+/// write and return at once; the runner then waits for [`written`](Self::written) and calls
+/// [`settle`](Self::settle), so input keeps being applied while the write is under way.
+pub trait WriteBehind: Send {
+    /// Applies the deliveries in order; one verdict per delivery.
+    fn apply(&mut self, batch: Vec<Delivery>) -> impl Future<Output = Vec<Verdict>> + Send;
+    /// Settles the write in flight (if any), then starts writing what
+    /// [`apply`](Self::apply) left pending. Returns an outcome for each stream sequence it
+    /// settled; a pending sequence it does not name stays pending. A worker that reports a
+    /// failure must also forget that message's effect, since the redelivery applies it again.
+    fn flush(&mut self) -> impl Future<Output = Vec<(u64, Result<(), HandlerError>)>> + Send;
+    /// Completes when a write started by a flush has finished (never, if none is under way).
+    /// Must be cancel-safe: the runner polls it in a `select!`.
+    fn written(&mut self) -> impl Future<Output = ()> + Send;
+    /// Settles a finished write, as [`flush`](Self::flush) does, without starting another.
+    fn settle(&mut self) -> impl Future<Output = Vec<(u64, Result<(), HandlerError>)>> + Send;
+    /// True when the worker wants a flush before it applies more.
+    fn wants_flush(&self) -> bool {
+        false
+    }
+    /// How many pending messages are in the write under way.
+    fn writing(&self) -> usize {
+        0
+    }
+    /// A flush the worker wants within this time even with nothing pending (for work it
+    /// does on flushes, such as deferred notifications).
+    fn next_flush(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// When a write-behind runner flushes.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushPolicy {
+    /// At the latest this long after the oldest pending message was applied.
+    pub interval: Duration,
+    /// Or as soon as this many messages are pending.
+    pub max_pending: usize,
+}
+
+/// Like [`run_batched`], for a [`WriteBehind`] worker: messages are applied as they arrive,
+/// flushed by `policy`, and each is acked after the flush that made it durable, so a crash
+/// at any point loses nothing (what was not flushed is redelivered). On shutdown the worker
+/// flushes until nothing is pending (a few rounds at most).
+pub async fn run_write_behind<W: WriteBehind>(
+    js: Context,
+    spec: ConsumerSpec,
+    policy: FlushPolicy,
+    mut worker: W,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<RunStats> {
+    use futures::FutureExt;
+    let (mut messages, advisories) = open(&js, &spec).await?;
+    let mut run = WriteBehindRun {
+        js: &js,
+        spec: &spec,
+        policy,
+        pending: std::collections::HashMap::with_capacity(policy.max_pending + spec.batch),
+        due: None,
+        stats: RunStats::default(),
+        acking: Vec::new(),
+    };
+    loop {
+        let timer = async {
+            match run.due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let first = tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = timer => {
+                run.flush(&mut worker).await;
+                continue;
+            }
+            _ = worker.written() => {
+                let settled = worker.settle().await;
+                run.settled(&mut worker, settled).await;
+                continue;
+            }
+            n = messages.next() => n,
+        };
+        let mut batch = match first {
+            Some(Ok(m)) => vec![m],
+            Some(Err(e)) => {
+                tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
+                continue;
+            }
+            None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+        };
+        while batch.len() < spec.batch {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        let mut kept = Vec::with_capacity(batch.len());
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for m in batch {
+            if let Some(d) = delivery_of(&m).await {
+                deliveries.push(d);
+                kept.push(m);
+            }
+        }
+        let seqs: Vec<u64> = deliveries.iter().map(|d| d.stream_sequence).collect();
+        let mut verdicts = worker.apply(deliveries).await.into_iter();
+        let mut done = Vec::new();
+        for (msg, seq) in kept.into_iter().zip(seqs) {
+            match verdicts.next() {
+                Some(Verdict::Done) => done.push(msg),
+                Some(Verdict::Failed(e)) => settle(&js, &spec, msg, Err(e), &mut run.stats).await,
+                Some(Verdict::Pending) => run.hold(msg, seq),
+                None => {
+                    let e = HandlerError::Retry("no verdict from the worker".into());
+                    settle(&js, &spec, msg, Err(e), &mut run.stats).await
+                }
+            }
+        }
+        run.ack_all(done);
+        if run.pending.len() >= policy.max_pending || worker.wants_flush() {
+            run.flush(&mut worker).await;
+        }
+    }
+    for _ in 0..3 {
+        if run.pending.is_empty() {
+            break;
+        }
+        run.flush(&mut worker).await;
+    }
+    // Whatever the last flushes could not settle goes back to the server at once.
+    for (_, msg) in run.pending.drain() {
+        let _ = msg.ack_with(AckKind::Nak(None)).await;
+    }
+    for task in run.acking.drain(..) {
+        let _ = task.await;
+    }
+    release_buffered(&mut messages).await;
+    advisories.abort();
+    Ok(run.stats)
+}
+
+/// The bookkeeping of [`run_write_behind`]: messages held until a flush covers them.
+struct WriteBehindRun<'a> {
+    js: &'a Context,
+    spec: &'a ConsumerSpec,
+    policy: FlushPolicy,
+    pending: std::collections::HashMap<u64, Message>,
+    due: Option<tokio::time::Instant>,
+    stats: RunStats,
+    /// Background ack tasks, awaited before the runner returns.
+    acking: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl WriteBehindRun<'_> {
+    fn hold(&mut self, msg: Message, seq: u64) {
+        self.pending.insert(seq, msg);
+        let interval = self.policy.interval;
+        self.due
+            .get_or_insert_with(|| tokio::time::Instant::now() + interval);
+    }
+
+    /// Acks in the background: the acks of one flush are many, and the next batch need not
+    /// wait for them to be written.
+    fn ack_all(&mut self, msgs: Vec<Message>) {
+        if msgs.is_empty() {
+            return;
+        }
+        self.stats.acked += msgs.len() as u64;
+        self.acking.retain(|t| !t.is_finished());
+        self.acking.push(tokio::spawn(async move {
+            for msg in msgs {
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                }
+            }
+        }));
+    }
+
+    async fn flush<W: WriteBehind>(&mut self, worker: &mut W) {
+        let settled = worker.flush().await;
+        // Everything applied so far is now in a write (or settled): the flush timer starts
+        // again with the next message.
+        self.due = None;
+        self.settled(worker, settled).await;
+    }
+
+    /// Acks (or retries) what a flush or settle reported, and sets the next flush time.
+    async fn settled<W: WriteBehind>(
+        &mut self,
+        worker: &mut W,
+        settled: Vec<(u64, Result<(), HandlerError>)>,
+    ) {
+        let mut done = Vec::new();
+        for (seq, outcome) in settled {
+            let Some(msg) = self.pending.remove(&seq) else {
+                continue;
+            };
+            match outcome {
+                Ok(()) => done.push(msg),
+                Err(e) => settle(self.js, self.spec, msg, Err(e), &mut self.stats).await,
+            }
+        }
+        self.ack_all(done);
+        // Messages in a write under way are settled when it is written; the timer is for
+        // what is still to be written.
+        let now = tokio::time::Instant::now();
+        let by_pending = (self.pending.len() > worker.writing())
+            .then(|| self.due.unwrap_or(now + self.policy.interval));
+        let by_worker = worker.next_flush().map(|d| now + d);
+        self.due = match (by_pending, by_worker) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
 /// Naks (without delay) the messages that already reached this process, so that
 /// another instance gets them at once instead of after `ack_wait`.
 async fn release_buffered(messages: &mut async_nats::jetstream::consumer::pull::Stream) {
@@ -328,7 +565,6 @@ async fn delivery_of(msg: &Message) -> Option<Delivery> {
         Ok(info) => Some(Delivery {
             subject: msg.subject.to_string(),
             payload: msg.payload.clone(),
-            headers: msg.headers.clone(),
             stream_sequence: info.stream_sequence,
             deliveries: info.delivered,
         }),

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod days;
+pub mod input;
 pub mod replay;
 pub mod scheduler;
 pub mod session;

@@ -63,7 +63,7 @@ pub async fn replay(
             .query_async::<()>(&mut conn)
             .await?;
     }
-    let tracker = Tracker::new(js.clone(), redis.clone(), config, false);
+    let mut tracker = Tracker::new(js.clone(), redis.clone(), config, false);
     let stream = subjects::event_stream(Category::Writing);
     let mut next = 1u64;
     loop {
@@ -87,7 +87,6 @@ pub async fn replay(
                 .map(|m| Delivery {
                     subject: String::new(),
                     payload: m.payload.clone(),
-                    headers: None,
                     stream_sequence: m.sequence,
                     deliveries: 1,
                 })

@@ -11,8 +11,10 @@ use crate::state_machine::{SessionState, TrackerConfig, allowed};
 
 /// Seconds of per-second history kept for the WPM and revision windows (5 minutes).
 pub const WINDOW_SECS: u64 = 300;
-/// Stream sequences remembered to recognise a redelivered message.
-const RECENT_SEQS: usize = 32;
+/// Stream sequences remembered to recognise a redelivered message. The tracker flushes a
+/// session before it has half this many unsaved messages, so every message a crash can
+/// cause to be redelivered is still remembered.
+pub const RECENT_SEQS: usize = 128;
 
 /// Production in one second. Stored as a compact `[sec, words, added, deleted]` array: a
 /// session keeps up to 300 of them and is saved on every batch.
@@ -189,7 +191,6 @@ pub struct Session {
     pub flow_words_at_entry: u64,
     pub flow_ms: u64,
     pub baseline_wpm: f64,
-    pub last_push_ms: u64,
     pub last_seq: u64,
     pub recent_seqs: Vec<u64>,
 }
@@ -239,7 +240,6 @@ impl Session {
             flow_words_at_entry: 0,
             flow_ms: 0,
             baseline_wpm,
-            last_push_ms: 0,
             last_seq: 0,
             recent_seqs: Vec::new(),
         }

@@ -112,6 +112,9 @@ pub struct TrackerConfig {
     pub default_baseline_wpm: f64,
     /// Live metrics are pushed at most this often per session.
     pub live_interval: Duration,
+    /// The tracker saves changed sessions at least this often (write-behind: messages are
+    /// acknowledged after the save that covers them).
+    pub flush_interval: Duration,
 }
 
 impl Default for TrackerConfig {
@@ -129,6 +132,7 @@ impl Default for TrackerConfig {
             flow_max_revision: 0.15,
             default_baseline_wpm: 19.0,
             live_interval: Duration::from_secs(1),
+            flush_interval: Duration::from_millis(200),
         }
     }
 }
@@ -138,7 +142,7 @@ impl TrackerConfig {
     pub fn from_env() -> Result<TrackerConfig, inkwire_shared::config::ConfigError> {
         use inkwire_shared::config::{ConfigError, parse_duration};
         let mut c = TrackerConfig::default();
-        let durations: [(&'static str, &mut Duration); 8] = [
+        let durations: [(&'static str, &mut Duration); 9] = [
             ("INKWIRE_WRITING_PAUSE_AFTER", &mut c.pause_after),
             ("INKWIRE_WRITING_BREAK_AFTER", &mut c.break_after),
             ("INKWIRE_WRITING_END_AFTER_BREAK", &mut c.end_after_break),
@@ -147,6 +151,7 @@ impl TrackerConfig {
             ("INKWIRE_WRITING_BURST_GAP", &mut c.burst_gap),
             ("INKWIRE_WRITING_FLOW_WINDOW", &mut c.flow_window),
             ("INKWIRE_WRITING_LIVE_INTERVAL", &mut c.live_interval),
+            ("INKWIRE_WRITING_FLUSH_INTERVAL", &mut c.flush_interval),
         ];
         for (name, slot) in durations {
             if let Ok(v) = std::env::var(name) {

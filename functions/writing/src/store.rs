@@ -47,34 +47,71 @@ pub fn end_requested_key(id: &str) -> String {
     format!("inkwire:writing:session:{id}:end-requested")
 }
 
-/// A stored session and the version it was read at.
+/// A stored session, the version it was read at, and the derived events saved with it that
+/// were not yet confirmed published (see [`save_cmd`]).
 pub struct Loaded {
     pub session: Session,
     pub version: u64,
+    pub outbox: Vec<OutboxEvent>,
+}
+
+/// A derived event waiting to be published: saved with the session that produced it, so a
+/// crash between the save and the publish loses nothing (ids make a repeat a duplicate).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OutboxEvent {
+    pub subject: String,
+    pub id: String,
+    pub payload: String,
+}
+
+pub fn meta_key(id: &str) -> String {
+    format!("{}:meta", session_key(id))
 }
 
 pub async fn load(redis: &mut ConnectionManager, id: &str) -> redis::RedisResult<Option<Loaded>> {
-    let (json, version): (Option<String>, Option<u64>) = redis::pipe()
-        .get(session_key(id))
-        .hget(format!("{}:meta", session_key(id)), "version")
-        .query_async(redis)
-        .await?;
-    Ok(json
-        .and_then(|j| serde_json::from_str(&j).ok())
-        .map(|session| Loaded {
-            session,
-            version: version.unwrap_or(0),
-        }))
+    Ok(load_many(redis, &[id]).await?.pop().flatten())
+}
+
+/// Loads several sessions in one round trip (`None` for the ones that do not exist).
+pub async fn load_many(
+    redis: &mut ConnectionManager,
+    ids: &[&str],
+) -> redis::RedisResult<Vec<Option<Loaded>>> {
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.get(session_key(id))
+            .cmd("HMGET")
+            .arg(meta_key(id))
+            .arg("version")
+            .arg("outbox");
+    }
+    type Row = (Option<String>, (Option<u64>, Option<String>));
+    let raw: Vec<Row> = pipe.query_async(redis).await?;
+    Ok(raw
+        .into_iter()
+        .map(|(json, (version, outbox))| {
+            let session = serde_json::from_str(&json?).ok()?;
+            Some(Loaded {
+                session,
+                version: version.unwrap_or(0),
+                outbox: outbox
+                    .and_then(|o| serde_json::from_str(&o).ok())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect())
 }
 
 /// Saves `session` if nobody saved it since `version` was read; also maintains the active
-/// sets, the due queue, and per-day word totals (a JSON object `{day: words}`).
+/// sets, the due queue, per-day word totals (a JSON object `{day: words}`) and the outbox of
+/// derived events still to publish (empty: none).
 const SAVE: &str = r#"
 local key, meta, due = KEYS[1], KEYS[2], KEYS[3]
 local current = tonumber(redis.call('HGET', meta, 'version') or '0')
 if current ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', key, ARGV[2])
 redis.call('HSET', meta, 'version', current + 1)
+if ARGV[8] ~= '' then redis.call('HSET', meta, 'outbox', ARGV[8]) else redis.call('HDEL', meta, 'outbox') end
 local id, ended, due_at = ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
 if ended then
   redis.call('EXPIRE', key, ARGV[6]) redis.call('EXPIRE', meta, ARGV[6])
@@ -93,14 +130,47 @@ end
 return 1
 "#;
 
+/// Removes published events (by id) from a stored outbox, whatever version it is at now.
+const CLEAR_OUTBOX: &str = r#"
+local raw = redis.call('HGET', KEYS[1], 'outbox')
+if not raw then return 0 end
+local done = {}
+for i = 1, #ARGV do done[ARGV[i]] = true end
+local left = {}
+for _, e in ipairs(cjson.decode(raw)) do
+  if not done[e.id] then left[#left + 1] = e end
+end
+if #left == 0 then redis.call('HDEL', KEYS[1], 'outbox')
+else redis.call('HSET', KEYS[1], 'outbox', cjson.encode(left)) end
+return 1
+"#;
+
 fn save_script() -> &'static redis::Script {
     static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     SCRIPT.get_or_init(|| redis::Script::new(SAVE))
 }
 
-/// Makes sure the save script is loaded (for [`save_cmd`] in pipelines).
+fn clear_outbox_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(CLEAR_OUTBOX))
+}
+
+/// Makes sure the scripts are loaded (for [`save_cmd`] and [`clear_outbox_cmd`] in
+/// pipelines).
 pub async fn load_scripts(redis: &mut ConnectionManager) -> redis::RedisResult<()> {
-    save_script().load_async(redis).await.map(|_| ())
+    save_script().load_async(redis).await?;
+    clear_outbox_script().load_async(redis).await.map(|_| ())
+}
+
+/// Removes the published events `ids` from the outbox of session `id` (EVALSHA; see
+/// [`load_scripts`]).
+pub fn clear_outbox_cmd(id: &str, ids: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(clear_outbox_script().get_hash())
+        .arg(1)
+        .arg(meta_key(id))
+        .arg(ids);
+    cmd
 }
 
 /// The save as one command (EVALSHA; call [`load_scripts`] first), answering 1 when saved and
@@ -110,6 +180,7 @@ pub fn save_cmd(
     version: u64,
     cfg: &TrackerConfig,
     day_words: &std::collections::BTreeMap<String, i64>,
+    outbox: &[OutboxEvent],
 ) -> redis::Cmd {
     let key = session_key(&session.id);
     let project = session.project_id.as_deref();
@@ -118,7 +189,7 @@ pub fn save_cmd(
     cmd.arg(save_script().get_hash())
         .arg(7)
         .arg(&key)
-        .arg(format!("{key}:meta"))
+        .arg(meta_key(&session.id))
         .arg(DUE_KEY)
         .arg(user_active_key(&session.user_id))
         .arg(project.map(project_active_key).unwrap_or_default())
@@ -134,7 +205,12 @@ pub fn save_cmd(
         })
         .arg(due_at)
         .arg(ENDED_TTL_SECS)
-        .arg(serde_json::to_string(day_words).expect("maps serialize"));
+        .arg(serde_json::to_string(day_words).expect("maps serialize"))
+        .arg(if outbox.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(outbox).expect("outboxes serialize")
+        });
     cmd
 }
 
@@ -152,7 +228,7 @@ pub async fn save(
     if words_delta != 0 {
         days.insert(day.to_string(), words_delta);
     }
-    let saved: i64 = save_cmd(session, version, cfg, &days)
+    let saved: i64 = save_cmd(session, version, cfg, &days, &[])
         .query_async(redis)
         .await?;
     Ok(saved == 1)

@@ -1,21 +1,34 @@
 //! The tracker: a durable consumer of `events.writing.>` that keeps every session's
-//! projection in Redis, emits the derived events (state changes, word_added per batch,
-//! paragraph_completed, flow entered/exited, session_ended) and pushes live metrics to the
-//! `project:` and `user:` channels (at most once a second per session; transitions at once).
+//! projection in Redis, emits the derived events (state changes, word_added, paragraph_completed,
+//! flow entered/exited, session_ended) and pushes live metrics to the `project:` and `user:`
+//! channels (at most once a second per session; transitions at once).
 //!
 //! It applies the events that *request* something — `session_started`, `keystroke`, and
 //! `session_state_changed` from the API (reason `user`) or the scheduler (time-driven) — and
 //! ignores the ones it emitted itself (`metadata.source = "tracker"`). The projection is thus
 //! a function of the stream alone, which is what makes `inkwire replay writing` exact.
+//!
+//! Write-behind: sessions stay in memory while they are in use; input is applied there and
+//! each changed session is saved once per flush (every `flush_interval`, 200 ms by default),
+//! with a version check so two instances never overwrite each other. Messages are
+//! acknowledged after the save that covers them, so a crash loses nothing: what was not saved
+//! is redelivered, and what was saved is recognised (the session remembers the sequences it
+//! applied). Derived events are saved with the session (its outbox) and published after the
+//! save; `word_added` is summed per session and flush. Live pushes go out as input is
+//! applied, so they do not wait for the flush; their once-a-second throttle runs on the
+//! clock (a backlog being caught up does not flood watchers), and the last input of a burst
+//! that the throttle held back is pushed when its second is over.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
 use inkwire_shared::channels::{self, Channel, ChannelKind, MessageType};
-use inkwire_shared::consumer::{ConsumerSpec, Delivery, HandlerError, Shutdown, run_batched};
+use inkwire_shared::consumer::{
+    ConsumerSpec, Delivery, FlushPolicy, HandlerError, Shutdown, Verdict, WriteBehind,
+    run_write_behind,
+};
 use inkwire_shared::events::{Category, Event};
 use inkwire_shared::jetstream::{Outgoing, publish_windowed};
 use inkwire_shared::subjects;
@@ -23,33 +36,168 @@ use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use crate::session::{Batch, Emitted, Reason, Session};
+use crate::input::Input;
+use crate::session::{Emitted, RECENT_SEQS, Reason, Session};
 use crate::state_machine::{SessionState, TrackerConfig};
-use crate::store;
+use crate::store::{self, OutboxEvent};
 
 /// Durable consumer name.
 pub const DURABLE: &str = "writing-tracker";
 /// `metadata.source` of what the tracker publishes.
 pub const SOURCE: &str = "tracker";
 
-/// What the tracker needs.
-#[derive(Clone)]
+/// Sessions kept in memory before the unused ones are dropped (a bound, not a tuning knob).
+const RESIDENT_LIMIT: usize = 200_000;
+/// A session nobody wrote to for this long leaves memory (it is reloaded when needed).
+const IDLE_EVICT: Duration = Duration::from_secs(10 * 60);
+/// Unsaved messages of one session that make the tracker ask for a flush: half the window of
+/// sequences a session remembers, so a redelivery after a crash is always recognised.
+const SESSION_PENDING_LIMIT: usize = RECENT_SEQS / 2;
+/// Messages pending in all sessions that force a flush.
+const MAX_PENDING: usize = 20_000;
+
+/// The tracker: configuration, connections, and the sessions it holds in memory.
 pub struct Tracker {
     pub js: jetstream::Context,
     pub redis: ConnectionManager,
     pub config: TrackerConfig,
     /// Off during a replay: the derived events are in the stream already.
     pub emit: bool,
-    /// Sessions as this instance last saved them, by id, with their version: a batch then
-    /// reads only the versions and fetches just the sessions someone else changed.
-    pub cache: SessionCache,
+    sessions: HashMap<String, Entry>,
+    /// Sessions whose latest input the live throttle held back.
+    owed: std::collections::HashSet<String>,
+    /// A session has so much unsaved input that it should be flushed now.
+    flush_now: bool,
+    /// The save started by the last flush.
+    in_flight: Option<InFlight>,
+    /// Derived events being published (at most one batch at a time).
+    publishing: Option<tokio::task::JoinHandle<Published>>,
 }
 
-/// See [`Tracker::cache`].
-pub type SessionCache = Arc<Mutex<HashMap<String, (Session, u64)>>>;
+/// A save on its way (see [`Tracker::flush_all`]).
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<Vec<i64>, String>>,
+    /// The task's answer once it is in: one per session (1 saved, 0 version conflict), or
+    /// why the save failed.
+    report: Option<Result<Vec<i64>, String>>,
+    /// The sessions in it, in order, and whether each had just ended.
+    ids: Vec<(String, bool)>,
+    /// Pending messages it covers.
+    messages: usize,
+}
 
-/// Sessions kept in the cache before it is emptied (a bound, not a tuning knob).
-const CACHE_LIMIT: usize = 200_000;
+/// Per session, the ids of the derived events a publish task published.
+type Published = Vec<(String, Vec<String>)>;
+
+/// Runs one save pipeline.
+async fn save(mut redis: ConnectionManager, pipe: redis::Pipeline) -> Result<Vec<i64>, String> {
+    store::load_scripts(&mut redis)
+        .await
+        .map_err(|e| e.to_string())?;
+    pipe.query_async(&mut redis)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Publishes saved derived events, then removes exactly those from the outboxes stored in
+/// Redis. Returns, per session, the ids published (none if publishing failed: they stay
+/// saved, for a later flush; their ids make a repeat a duplicate).
+async fn publish(
+    mut redis: ConnectionManager,
+    js: jetstream::Context,
+    outboxes: Vec<(String, Vec<OutboxEvent>)>,
+) -> Published {
+    let out: Vec<Outgoing> = outboxes
+        .iter()
+        .flat_map(|(_, o)| o.iter())
+        .map(|o| Outgoing {
+            subject: o.subject.clone(),
+            msg_id: o.id.clone(),
+            payload: Bytes::from(o.payload.clone()),
+        })
+        .collect();
+    if let Err(e) = publish_windowed(&js, out, 512).await {
+        tracing::warn!(error = %e, "derived events not published yet; will retry");
+        return Vec::new();
+    }
+    let published: Vec<(String, Vec<String>)> = outboxes
+        .into_iter()
+        .map(|(id, o)| (id, o.into_iter().map(|e| e.id).collect()))
+        .collect();
+    let mut pipe = redis::pipe();
+    for (id, ids) in &published {
+        pipe.add_command(store::clear_outbox_cmd(id, ids)).ignore();
+    }
+    let cleared = match store::load_scripts(&mut redis).await {
+        Ok(()) => pipe.query_async::<()>(&mut redis).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = cleared {
+        // Harmless: a later load publishes them again, as duplicates.
+        tracing::warn!(error = %e, "clearing outboxes failed");
+    }
+    published
+}
+
+/// A session in memory and what happened to it since it was last saved.
+struct Entry {
+    session: Session,
+    /// The stored version this state builds on.
+    version: u64,
+    /// Applied since the last save, in order (sequence and payload), to re-apply after a
+    /// concurrent update and to acknowledge after the save.
+    pending: Vec<(u64, Bytes)>,
+    /// Applied and in the save that is in flight (acknowledged when it is done).
+    saving: Vec<(u64, Bytes)>,
+    /// Net words per local day since the last save.
+    days: BTreeMap<String, i64>,
+    /// Derived events since the last save, with their cause.
+    emitted: Vec<(Cause, u64, usize, Emitted)>,
+    /// Saved derived events not yet confirmed published.
+    outbox: Vec<OutboxEvent>,
+    /// The outbox the save in flight writes (becomes `outbox` when it is saved).
+    saving_outbox: Vec<OutboxEvent>,
+    /// The session ended since the last save (the writer's baseline is then updated).
+    ended_now: bool,
+    touched: Instant,
+    /// When live metrics were last pushed, and the time and sequence of the latest input.
+    last_push: Option<Instant>,
+    latest: (u64, u64),
+}
+
+impl Entry {
+    fn new(session: Session, version: u64, outbox: Vec<OutboxEvent>) -> Entry {
+        Entry {
+            session,
+            version,
+            pending: Vec::new(),
+            saving: Vec::new(),
+            days: BTreeMap::new(),
+            emitted: Vec::new(),
+            outbox,
+            saving_outbox: Vec::new(),
+            ended_now: false,
+            touched: Instant::now(),
+            last_push: None,
+            latest: (0, 0),
+        }
+    }
+}
+
+/// What a derived event needs of the event that caused it.
+#[derive(Debug, Clone)]
+struct Cause {
+    id: uuid::Uuid,
+    timestamp: OffsetDateTime,
+    correlation: Option<String>,
+}
+
+/// What applying one event did.
+enum Step {
+    Applied,
+    /// Seen before (a redelivery) or not this session's owner: nothing to do.
+    Ignored,
+}
 
 impl Tracker {
     pub fn new(
@@ -63,399 +211,645 @@ impl Tracker {
             redis,
             config,
             emit,
-            cache: SessionCache::default(),
+            sessions: HashMap::new(),
+            owed: Default::default(),
+            flush_now: false,
+            in_flight: None,
+            publishing: None,
         }
     }
-}
 
-fn ms(t: OffsetDateTime) -> u64 {
-    (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
-}
-
-impl Tracker {
-    /// Handles one message of `events.writing.>`.
-    pub async fn handle(&self, delivery: Delivery) -> Result<(), HandlerError> {
+    /// Applies one message and saves at once (tests and tools).
+    pub async fn handle(&mut self, delivery: Delivery) -> Result<(), HandlerError> {
         self.handle_batch(vec![delivery])
             .await
             .pop()
             .unwrap_or(Ok(()))
     }
 
-    /// Handles the messages at hand together: one Redis round trip to load every session
-    /// they touch, the events applied in memory in stream order, derived events and live
-    /// pushes published with a window of acks, and one round trip to save every session
-    /// (each with its own version check). Returns one outcome per delivery, in order.
-    pub async fn handle_batch(&self, deliveries: Vec<Delivery>) -> Vec<Result<(), HandlerError>> {
-        let mut outcomes: Vec<Result<(), HandlerError>> = vec![Ok(()); deliveries.len()];
-        // Parse, and group by session in order of first appearance.
-        let mut groups: Vec<Group> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for (i, d) in deliveries.iter().enumerate() {
-            let event: Event = match serde_json::from_slice(&d.payload) {
+    /// Applies the messages and saves at once; one outcome per delivery, in order.
+    pub async fn handle_batch(
+        &mut self,
+        deliveries: Vec<Delivery>,
+    ) -> Vec<Result<(), HandlerError>> {
+        let seqs: Vec<u64> = deliveries.iter().map(|d| d.stream_sequence).collect();
+        let verdicts = self.apply_all(deliveries).await;
+        let mut flushed: HashMap<u64, Result<(), HandlerError>> = HashMap::new();
+        // One flush starts the save, the next settles it (a third saves again what a
+        // concurrent update made to apply again).
+        for _ in 0..4 {
+            flushed.extend(self.flush_all().await);
+            if self.in_flight.is_none() {
+                break;
+            }
+        }
+        seqs.into_iter()
+            .zip(verdicts)
+            .map(|(seq, v)| match v {
+                Verdict::Done => Ok(()),
+                Verdict::Failed(e) => Err(e),
+                Verdict::Pending => flushed.get(&seq).cloned().unwrap_or_else(|| {
+                    Err(HandlerError::Retry(
+                        "not saved yet (concurrent update)".into(),
+                    ))
+                }),
+            })
+            .collect()
+    }
+
+    /// Applies the deliveries in memory: loads the sessions that are not resident (and
+    /// checks the resident ones are current) in one round trip, then applies in stream order
+    /// and sends the live pushes that are due.
+    async fn apply_all(&mut self, deliveries: Vec<Delivery>) -> Vec<Verdict> {
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(deliveries.len());
+        let mut parsed: Vec<Option<(Input, u64, Bytes)>> = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            let event: Input = match serde_json::from_slice(&d.payload) {
                 Ok(e) => e,
                 Err(e) => {
-                    outcomes[i] = Err(HandlerError::Permanent(format!("not an event: {e}")));
+                    verdicts.push(Verdict::Failed(HandlerError::Permanent(format!(
+                        "not an event: {e}"
+                    ))));
+                    parsed.push(None);
                     continue;
                 }
             };
             if event.metadata.source.as_deref() == Some(SOURCE) {
+                verdicts.push(Verdict::Done);
+                parsed.push(None);
                 continue;
             }
-            let Some(id) = event
-                .data
-                .get("sessionId")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-            else {
-                outcomes[i] = Err(HandlerError::Permanent(
+            if event.session_id().is_none() {
+                verdicts.push(Verdict::Failed(HandlerError::Permanent(
                     "writing event without data.sessionId".into(),
-                ));
+                )));
+                parsed.push(None);
+                continue;
+            }
+            verdicts.push(Verdict::Pending);
+            parsed.push(Some((event, d.stream_sequence, d.payload)));
+        }
+        // Sessions not in memory are loaded in one round trip. Resident ones are used as
+        // they are: a save finds out (by version) if another instance changed one meanwhile.
+        let missing: Vec<String> = {
+            let mut seen = std::collections::HashSet::new();
+            parsed
+                .iter()
+                .flatten()
+                .filter_map(|(e, _, _)| e.session_id())
+                .filter(|id| !self.sessions.contains_key(*id) && seen.insert(*id))
+                .map(str::to_string)
+                .collect()
+        };
+        if let Err(e) = self.load(&missing).await {
+            for (v, p) in verdicts.iter_mut().zip(&parsed) {
+                if p.is_some() {
+                    *v = Verdict::Failed(HandlerError::Retry(e.to_string()));
+                }
+            }
+            return verdicts;
+        }
+
+        // Apply in stream order; note which sessions want a live push.
+        let mut pushes: HashMap<String, Vec<Emitted>> = HashMap::new();
+        for (v, p) in verdicts.iter_mut().zip(parsed) {
+            let Some((event, seq, payload)) = p else {
                 continue;
             };
-            let g = *index.entry(id.clone()).or_insert_with(|| {
-                groups.push(Group {
-                    id,
-                    items: Vec::new(),
-                    session: None,
-                    version: 0,
-                    days: BTreeMap::new(),
-                    emitted: Vec::new(),
-                    push_at: None,
-                    ended_now: false,
-                });
-                groups.len() - 1
-            });
-            groups[g].items.push((i, event, d.stream_sequence));
-        }
-        if groups.is_empty() {
-            return outcomes;
-        }
-        let fail_all =
-            |outcomes: &mut Vec<Result<(), HandlerError>>, groups: &[Group], e: String| {
-                for g in groups {
-                    for (i, _, _) in &g.items {
-                        outcomes[*i] = Err(HandlerError::Retry(e.clone()));
-                    }
-                }
-            };
-        let mut redis = self.redis.clone();
-
-        // Load: the versions of every session in one round trip, then only the sessions
-        // that are not in the cache at that version in a second one.
-        let mut pipe = redis::pipe();
-        for g in &groups {
-            pipe.hget(format!("{}:meta", store::session_key(&g.id)), "version");
-        }
-        let versions: Vec<Option<u64>> = match pipe.query_async(&mut redis).await {
-            Ok(v) => v,
-            Err(e) => {
-                fail_all(&mut outcomes, &groups, e.to_string());
-                return outcomes;
-            }
-        };
-        let mut missing = Vec::new();
-        {
-            let cache = self.cache.lock().expect("session cache lock");
-            for (gi, (g, v)) in groups.iter_mut().zip(versions).enumerate() {
-                g.version = v.unwrap_or(0);
-                match cache.get(&g.id) {
-                    Some((s, cv)) if v == Some(*cv) => g.session = Some(s.clone()),
-                    _ if v.is_some() => missing.push(gi),
-                    _ => {}
-                }
-            }
-        }
-        if !missing.is_empty() {
-            let mut pipe = redis::pipe();
-            for gi in &missing {
-                let id = &groups[*gi].id;
-                pipe.get(store::session_key(id))
-                    .hget(format!("{}:meta", store::session_key(id)), "version");
-            }
-            let loaded: Vec<Option<String>> = match pipe.query_async(&mut redis).await {
-                Ok(v) => v,
-                Err(e) => {
-                    fail_all(&mut outcomes, &groups, e.to_string());
-                    return outcomes;
-                }
-            };
-            for (gi, pair) in missing.into_iter().zip(loaded.chunks(2)) {
-                let g = &mut groups[gi];
-                g.session = pair[0]
-                    .as_deref()
-                    .and_then(|j| serde_json::from_str(j).ok());
-                g.version = pair[1].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
-            }
-        }
-
-        // Apply in memory.
-        for g in groups.iter_mut() {
-            for (i, event, seq) in std::mem::take(&mut g.items) {
-                let at = ms(event.timestamp);
-                if g.session.is_none() {
-                    if event.event_type != "session_started" {
-                        // Only session_started creates a session; a retry finds it if it
-                        // is merely late.
-                        outcomes[i] = Err(HandlerError::Retry(format!("unknown session {}", g.id)));
-                        g.items.push((i, event, seq));
-                        continue;
-                    }
-                    let baseline = match store::baseline(
-                        &mut redis,
-                        &event.user_id,
-                        self.config.default_baseline_wpm,
-                    )
-                    .await
-                    {
-                        Ok(b) => b,
-                        Err(e) => {
-                            outcomes[i] = Err(HandlerError::Retry(e.to_string()));
-                            g.items.push((i, event, seq));
-                            continue;
-                        }
-                    };
-                    let goal = event
-                        .data
-                        .get("goalWords")
-                        .and_then(Value::as_u64)
-                        .map(|g| g as u32);
-                    let mut s = Session::new(
-                        &g.id,
-                        &event.user_id,
-                        event.project_id.clone(),
-                        event.document_id.clone(),
-                        goal,
-                        at,
-                        baseline,
-                    );
-                    s.time_zone = event
-                        .data
-                        .get("timeZone")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
-                    g.session = Some(s);
-                }
-                let session = g.session.as_mut().expect("created above");
-                // Only the owner's events move a session: the events API lets anyone publish
-                // their own events, and a foreign sessionId must not reach someone else's.
-                if event.user_id != session.user_id {
-                    tracing::warn!(session = %g.id, user = %event.user_id, "event for another user's session ignored");
-                    g.items.push((i, event, seq));
+            let id = event.session_id().expect("checked above").to_string();
+            if !self.sessions.contains_key(&id) {
+                if event.event_type != "session_started" {
+                    // Only session_started creates a session; a retry finds it if it is
+                    // merely late.
+                    *v = Verdict::Failed(HandlerError::Retry(format!("unknown session {id}")));
                     continue;
                 }
-                if session.first_time(seq) {
-                    let words_before = session.net_words();
-                    let emitted = match event.event_type.as_str() {
-                        "keystroke" => session.apply_batch(batch_of(&event.data, at), &self.config),
-                        "session_state_changed" => {
-                            requested(&self.config, session, &event.data, at)
-                        }
-                        _ => Vec::new(),
-                    };
-                    let delta = session.net_words() as i64 - words_before as i64;
-                    if delta != 0 {
-                        *g.days
-                            .entry(crate::days::local_day(at, session.time_zone.as_deref()))
-                            .or_default() += delta;
+                match self.create(&id, &event).await {
+                    Ok(entry) => {
+                        self.sessions.insert(id.clone(), entry);
                     }
-                    let transition = emitted.iter().any(Emitted::is_transition);
-                    if transition
-                        || at.saturating_sub(session.last_push_ms)
-                            >= self.config.live_interval.as_millis() as u64
-                    {
-                        session.last_push_ms = at;
-                        g.push_at = Some((at, seq));
-                    }
-                    g.ended_now |= emitted.iter().any(|e| matches!(e, Emitted::Ended { .. }));
-                    for (k, e) in emitted.into_iter().enumerate() {
-                        g.emitted.push((event.clone(), seq, k, e));
+                    Err(e) => {
+                        *v = Verdict::Failed(HandlerError::Retry(e.to_string()));
+                        continue;
                     }
                 }
-                g.items.push((i, event, seq));
             }
-        }
-
-        // Derived events first: if saving fails, the retry re-emits the same ids.
-        if self.emit {
-            let out: Vec<Outgoing> = groups
-                .iter()
-                .filter_map(|g| g.session.as_ref().map(|s| (g, s)))
-                .flat_map(|(g, s)| {
-                    g.emitted
-                        .iter()
-                        .map(move |(cause, seq, k, e)| derived_event(s, cause, *seq, *k, e))
-                })
-                .collect();
-            if !out.is_empty()
-                && let Err(e) = publish_windowed(&self.js, out, 512).await
-            {
-                fail_all(&mut outcomes, &groups, e.to_string());
-                return outcomes;
-            }
-        }
-
-        // Save every session in one round trip.
-        let saved: Vec<(usize, i64)> = {
-            if let Err(e) = store::load_scripts(&mut redis).await {
-                fail_all(&mut outcomes, &groups, e.to_string());
-                return outcomes;
-            }
-            let mut pipe = redis::pipe();
-            let mut which = Vec::new();
-            for (gi, g) in groups.iter().enumerate() {
-                if let Some(s) = &g.session {
-                    pipe.add_command(store::save_cmd(s, g.version, &self.config, &g.days));
-                    which.push(gi);
-                }
-            }
-            match pipe.query_async::<Vec<i64>>(&mut redis).await {
-                Ok(r) => which.into_iter().zip(r).collect(),
-                Err(e) => {
-                    fail_all(&mut outcomes, &groups, e.to_string());
-                    return outcomes;
-                }
-            }
-        };
-        let mut pushes = Vec::new();
-        for (gi, ok) in saved {
-            let g = &groups[gi];
-            let session = g.session.as_ref().expect("saved sessions exist");
-            if ok == 1 {
-                let mut cache = self.cache.lock().expect("session cache lock");
-                if cache.len() >= CACHE_LIMIT {
-                    cache.clear();
-                }
-                cache.insert(g.id.clone(), (session.clone(), g.version + 1));
-            } else {
-                self.cache.lock().expect("session cache lock").remove(&g.id);
-            }
-            if ok != 1 {
-                // Another instance saved this session meanwhile: apply again from its state.
-                for (i, _, _) in &g.items {
-                    if outcomes[*i].is_ok() {
-                        outcomes[*i] = Err(HandlerError::Retry(format!(
-                            "session {}: concurrent update",
-                            g.id
-                        )));
-                    }
-                }
+            let entry = self.sessions.get_mut(&id).expect("resident");
+            if entry.pending.len() >= RECENT_SEQS {
+                // A flood into one session: wait for a flush (see SESSION_PENDING_LIMIT).
+                *v = Verdict::Failed(HandlerError::Retry(format!(
+                    "session {id}: too much unsaved input"
+                )));
+                self.flush_now = true;
                 continue;
             }
-            if g.ended_now && session.active_ms >= 60_000 {
-                let wpm = session.net_words() as f64 / (session.active_ms as f64 / 60_000.0);
-                if let Err(e) = store::update_baseline(
-                    &mut redis,
-                    &session.user_id,
-                    wpm,
-                    self.config.default_baseline_wpm,
-                )
-                .await
-                {
-                    tracing::warn!(error = %e, "baseline update failed");
+            let emitted_before = entry.emitted.len();
+            match apply_event(&self.config, entry, seq, &event) {
+                Step::Applied => {
+                    entry.pending.push((seq, payload));
+                    self.flush_now |= entry.pending.len() >= SESSION_PENDING_LIMIT;
+                    entry.latest = (event.at_ms(), seq);
+                    let transitions: Vec<Emitted> = entry.emitted[emitted_before..]
+                        .iter()
+                        .map(|(_, _, _, e)| e)
+                        .filter(|e| e.is_transition())
+                        .cloned()
+                        .collect();
+                    let throttled = entry
+                        .last_push
+                        .is_some_and(|t| t.elapsed() < self.config.live_interval);
+                    if !transitions.is_empty() || !throttled || pushes.contains_key(&id) {
+                        pushes.entry(id).or_default().extend(transitions);
+                    } else {
+                        self.owed.insert(id);
+                    }
                 }
-            }
-            if self.emit
-                && let Some((at, seq)) = g.push_at
-            {
-                let transitions: Vec<&Emitted> = g
-                    .emitted
-                    .iter()
-                    .map(|(_, _, _, e)| e)
-                    .filter(|e| e.is_transition())
-                    .collect();
-                pushes.extend(live_messages(session, &transitions, at, seq));
+                Step::Ignored => *v = Verdict::Done,
             }
         }
-        // Live metrics are best effort (the projection is saved): sent in the background so
-        // the next batch does not wait for their acks.
         if !pushes.is_empty() {
-            let js = self.js.clone();
-            tokio::spawn(async move {
-                if let Err(e) = publish_windowed(&js, pushes, 512).await {
-                    tracing::warn!(error = %e, "live metrics push failed");
-                }
-            });
+            self.push_live(pushes);
         }
-        outcomes
+        verdicts
+    }
+
+    /// Sends live metrics (with the transitions that just happened) for these sessions, in
+    /// the background: they are best effort, and the projection is what counts.
+    fn push_live(&mut self, pushes: HashMap<String, Vec<Emitted>>) {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (id, transitions) in pushes {
+            self.owed.remove(&id);
+            if let Some(entry) = self.sessions.get_mut(&id) {
+                entry.last_push = Some(now);
+                let (at, seq) = entry.latest;
+                out.extend(live_messages(&entry.session, &transitions, at, seq));
+            }
+        }
+        if !self.emit || out.is_empty() {
+            return;
+        }
+        let js = self.js.clone();
+        tokio::spawn(async move {
+            if let Err(e) = publish_windowed(&js, out, 512).await {
+                tracing::warn!(error = %e, "live metrics push failed");
+            }
+        });
+    }
+
+    /// Pushes the held-back live metrics whose second is over; returns how soon the next
+    /// one is.
+    fn push_owed(&mut self) -> Option<Duration> {
+        let interval = self.config.live_interval;
+        let mut next: Option<Duration> = None;
+        let mut ready = HashMap::new();
+        self.owed.retain(|id| {
+            let Some(entry) = self.sessions.get(id) else {
+                return false;
+            };
+            let since = entry.last_push.map_or(interval, |t| t.elapsed());
+            if since >= interval {
+                ready.insert(id.clone(), Vec::new());
+                false
+            } else {
+                let wait = interval - since;
+                next = Some(next.map_or(wait, |n| n.min(wait)));
+                true
+            }
+        });
+        if !ready.is_empty() {
+            self.push_live(ready);
+        }
+        next
+    }
+
+    /// Loads `ids` from Redis in one round trip; a session already in memory is replaced by
+    /// the stored state with its unsaved input applied again (after a concurrent update).
+    /// Returns the unsaved messages of sessions that are no longer stored at all.
+    async fn load(
+        &mut self,
+        ids: &[String],
+    ) -> redis::RedisResult<Vec<(u64, Result<(), HandlerError>)>> {
+        let mut lost = Vec::new();
+        if ids.is_empty() {
+            return Ok(lost);
+        }
+        let mut redis = self.redis.clone();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let loaded = store::load_many(&mut redis, &refs).await?;
+        for (id, l) in ids.iter().zip(loaded) {
+            let old = self.sessions.remove(id);
+            match (l, old) {
+                (Some(l), old) => {
+                    let mut entry = Entry::new(l.session, l.version, l.outbox);
+                    if let Some(old) = old {
+                        let unsaved = old.saving.into_iter().chain(old.pending).collect();
+                        self.reapply(&mut entry, unsaved);
+                    }
+                    self.sessions.insert(id.clone(), entry);
+                }
+                (None, Some(old)) => {
+                    lost.extend(old.saving.into_iter().chain(old.pending).map(|(seq, _)| {
+                        (
+                            seq,
+                            Err(HandlerError::Retry(format!(
+                                "session {id} is no longer stored"
+                            ))),
+                        )
+                    }))
+                }
+                (None, None) => {}
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Applies unsaved input again on a newer stored state (what another instance saved).
+    fn reapply(&self, entry: &mut Entry, pending: Vec<(u64, Bytes)>) {
+        for (seq, payload) in pending {
+            // Still pending either way: it is acknowledged after this entry's next save.
+            if let Ok(event) = serde_json::from_slice::<Input>(&payload) {
+                apply_event(&self.config, entry, seq, &event);
+            }
+            entry.pending.push((seq, payload));
+        }
+    }
+
+    /// A new session from its `session_started` event.
+    async fn create(&self, id: &str, event: &Input) -> redis::RedisResult<Entry> {
+        let mut redis = self.redis.clone();
+        let baseline =
+            store::baseline(&mut redis, &event.user_id, self.config.default_baseline_wpm).await?;
+        let mut s = Session::new(
+            id,
+            &event.user_id,
+            event.project_id.clone(),
+            event.document_id.clone(),
+            event.data.goal_words,
+            event.at_ms(),
+            baseline,
+        );
+        s.time_zone = event.data.time_zone.clone();
+        Ok(Entry::new(s, 0, Vec::new()))
+    }
+
+    /// Settles the save in flight (if any) and starts the next one with everything applied
+    /// since; drops sessions that are no longer needed in memory. Returns the outcome of
+    /// every message it settled. Saves overlap with applying new input: the one started here
+    /// is settled when it is written ([`WriteBehind::written`]) or by the next flush.
+    async fn flush_all(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        let results = self.settle_all().await;
+        self.start_save();
+        self.flush_now = false;
+        self.push_owed();
+        self.evict();
+        results
+    }
+
+    /// Settles the save in flight and takes in what the last publish did; starts publishing
+    /// the saved derived events.
+    async fn settle_all(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        let results = self.finish_save().await;
+        self.finish_publish().await;
+        self.start_publish();
+        results
+    }
+
+    /// Starts saving every changed session in one pipeline, in the background.
+    fn start_save(&mut self) {
+        let dirty: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| !e.pending.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if dirty.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        let mut ids = Vec::with_capacity(dirty.len());
+        let mut messages = 0;
+        for id in dirty {
+            let e = self
+                .sessions
+                .get_mut(&id)
+                .expect("dirty sessions are resident");
+            // This flush's derived events join the outbox saved with the session.
+            e.saving_outbox = e.outbox.clone();
+            if self.emit {
+                e.saving_outbox
+                    .extend(derived_events(&e.session, &e.emitted));
+            }
+            e.emitted.clear();
+            pipe.add_command(store::save_cmd(
+                &e.session,
+                e.version,
+                &self.config,
+                &e.days,
+                &e.saving_outbox,
+            ));
+            e.days.clear();
+            e.saving = std::mem::take(&mut e.pending);
+            messages += e.saving.len();
+            ids.push((id, std::mem::take(&mut e.ended_now)));
+        }
+        let task = tokio::spawn(save(self.redis.clone(), pipe));
+        self.in_flight = Some(InFlight {
+            task,
+            report: None,
+            ids,
+            messages,
+        });
+    }
+
+    /// Waits for the save in flight; acknowledges what it saved, takes another instance's
+    /// state for the sessions it changed meanwhile (their input is applied again and saved
+    /// by the next flush), and forgets everything if the save failed.
+    async fn finish_save(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        let Some(mut flight) = self.in_flight.take() else {
+            return Vec::new();
+        };
+        let report = match flight.report.take() {
+            Some(r) => r,
+            None => (&mut flight.task)
+                .await
+                .unwrap_or_else(|e| Err(format!("save task failed: {e}"))),
+        };
+        let saved = match report {
+            Ok(saved) => saved,
+            Err(why) => {
+                // Nothing is known to be saved: forget the unsaved state, so that the
+                // redeliveries apply again on what is stored.
+                let ids: Vec<String> = flight.ids.into_iter().map(|(id, _)| id).collect();
+                return self.forget(&ids, &why);
+            }
+        };
+        let mut results = Vec::new();
+        let mut conflicts = Vec::new();
+        let mut redis = self.redis.clone();
+        for ((id, ended), ok) in flight.ids.into_iter().zip(saved) {
+            let Some(e) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            if ok != 1 {
+                conflicts.push(id);
+                continue;
+            }
+            e.version += 1;
+            e.outbox = std::mem::take(&mut e.saving_outbox);
+            results.extend(e.saving.drain(..).map(|(seq, _)| (seq, Ok(()))));
+            if ended && e.session.active_ms >= 60_000 {
+                let s = &e.session;
+                let wpm = s.net_words() as f64 / (s.active_ms as f64 / 60_000.0);
+                let default = self.config.default_baseline_wpm;
+                if let Err(err) = store::update_baseline(&mut redis, &s.user_id, wpm, default).await
+                {
+                    tracing::warn!(error = %err, "baseline update failed");
+                }
+            }
+        }
+        match self.load(&conflicts).await {
+            Ok(lost) => results.extend(lost),
+            Err(e) => results.extend(self.forget(&conflicts, &e.to_string())),
+        }
+        results
+    }
+
+    /// Takes in the result of a finished publish: those events leave the outboxes.
+    async fn finish_publish(&mut self) {
+        let finished = self.publishing.as_ref().is_some_and(|t| t.is_finished());
+        if !finished {
+            return;
+        }
+        let Some(task) = self.publishing.take() else {
+            return;
+        };
+        for (id, ids) in task.await.unwrap_or_default() {
+            if let Some(e) = self.sessions.get_mut(&id) {
+                e.outbox.retain(|o| !ids.contains(&o.id));
+                e.saving_outbox.retain(|o| !ids.contains(&o.id));
+            }
+        }
+    }
+
+    /// Starts publishing the saved derived events, unless a publish is still under way.
+    fn start_publish(&mut self) {
+        if !self.emit || self.publishing.is_some() {
+            return;
+        }
+        let outboxes: Vec<(String, Vec<OutboxEvent>)> = self
+            .sessions
+            .iter()
+            .filter(|(_, e)| !e.outbox.is_empty())
+            .map(|(id, e)| (id.clone(), e.outbox.clone()))
+            .collect();
+        if outboxes.is_empty() {
+            return;
+        }
+        self.publishing = Some(tokio::spawn(publish(
+            self.redis.clone(),
+            self.js.clone(),
+            outboxes,
+        )));
+    }
+
+    /// Drops sessions from memory; their unsaved messages fail (to be redelivered).
+    fn forget(&mut self, ids: &[String], why: &str) -> Vec<(u64, Result<(), HandlerError>)> {
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(e) = self.sessions.remove(id) {
+                out.extend(e.saving.into_iter().chain(e.pending).map(|(seq, _)| {
+                    (
+                        seq,
+                        Err(HandlerError::Retry(format!("session {id}: {why}"))),
+                    )
+                }));
+            }
+        }
+        out
+    }
+
+    /// Drops clean sessions that ended or sat unused, and all clean ones past the limit.
+    fn evict(&mut self) {
+        let full = self.sessions.len() > RESIDENT_LIMIT;
+        let owed = &self.owed;
+        self.sessions.retain(|id, e| {
+            let clean = e.pending.is_empty()
+                && e.saving.is_empty()
+                && e.outbox.is_empty()
+                && e.saving_outbox.is_empty()
+                && !owed.contains(id);
+            !(clean
+                && (full
+                    || e.session.state == SessionState::Ended
+                    || e.touched.elapsed() >= IDLE_EVICT))
+        });
     }
 }
 
-/// The work of one session within a batch.
-struct Group {
-    id: String,
-    items: Vec<(usize, Event, u64)>,
-    session: Option<Session>,
-    version: u64,
-    days: BTreeMap<String, i64>,
-    emitted: Vec<(Event, u64, usize, Emitted)>,
-    push_at: Option<(u64, u64)>,
-    ended_now: bool,
+impl WriteBehind for Tracker {
+    async fn apply(&mut self, batch: Vec<Delivery>) -> Vec<Verdict> {
+        self.apply_all(batch).await
+    }
+    async fn flush(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        self.flush_all().await
+    }
+    async fn written(&mut self) {
+        match self.in_flight.as_mut() {
+            Some(f) if f.report.is_none() => {
+                // Cancel-safe: the task keeps its result until it is awaited again.
+                let r = (&mut f.task).await;
+                f.report = Some(r.unwrap_or_else(|e| Err(format!("save task failed: {e}"))));
+            }
+            _ => std::future::pending().await,
+        }
+    }
+    async fn settle(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        self.settle_all().await
+    }
+    fn wants_flush(&self) -> bool {
+        self.flush_now
+    }
+    fn writing(&self) -> usize {
+        self.in_flight.as_ref().map_or(0, |f| f.messages)
+    }
+    fn next_flush(&self) -> Option<Duration> {
+        // Held-back live pushes, and derived events still to publish, are sent by flushes.
+        let unpublished = self.emit && self.sessions.values().any(|e| !e.outbox.is_empty());
+        (!self.owed.is_empty() || unpublished)
+            .then_some(self.config.live_interval.min(self.config.flush_interval))
+    }
+}
+
+/// Applies one event to a resident session.
+fn apply_event(config: &TrackerConfig, entry: &mut Entry, seq: u64, event: &Input) -> Step {
+    let session = &mut entry.session;
+    // Only the owner's events move a session: the events API lets anyone publish their own
+    // events, and a foreign sessionId must not reach someone else's.
+    if event.user_id != session.user_id {
+        tracing::warn!(session = %session.id, user = %event.user_id, "event for another user's session ignored");
+        return Step::Ignored;
+    }
+    if !session.first_time(seq) {
+        return Step::Ignored;
+    }
+    entry.touched = Instant::now();
+    let at = event.at_ms();
+    let words_before = session.net_words();
+    let emitted = match event.event_type.as_str() {
+        "keystroke" => session.apply_batch(event.batch(), config),
+        "session_state_changed" => requested(config, session, event, at),
+        _ => Vec::new(),
+    };
+    let delta = session.net_words() as i64 - words_before as i64;
+    if delta != 0 {
+        *entry
+            .days
+            .entry(crate::days::local_day(at, session.time_zone.as_deref()))
+            .or_default() += delta;
+    }
+    entry.ended_now |= emitted.iter().any(|e| matches!(e, Emitted::Ended { .. }));
+    let cause = Cause {
+        id: event.id,
+        timestamp: event.timestamp,
+        correlation: event.metadata.correlation_id.clone(),
+    };
+    for (k, e) in emitted.into_iter().enumerate() {
+        entry.emitted.push((cause.clone(), seq, k, e));
+    }
+    Step::Applied
 }
 
 /// A `session_state_changed` request from the API or the scheduler.
-fn requested(config: &TrackerConfig, session: &mut Session, data: &Value, at: u64) -> Vec<Emitted> {
-    let Some(to) = data
-        .get("to")
-        .and_then(Value::as_str)
-        .and_then(SessionState::parse)
-    else {
+fn requested(
+    config: &TrackerConfig,
+    session: &mut Session,
+    event: &Input,
+    at: u64,
+) -> Vec<Emitted> {
+    let Some(to) = event.to_state() else {
         return Vec::new();
     };
-    let reason: Reason = data
-        .get("reason")
-        .cloned()
-        .and_then(|r| serde_json::from_value(r).ok())
-        .unwrap_or(Reason::User);
+    let reason = event.reason();
     // A time-driven request names the state it was computed for; if input arrived in
     // between, it no longer applies.
-    if reason != Reason::User {
-        let from = data
-            .get("from")
-            .and_then(Value::as_str)
-            .and_then(SessionState::parse);
-        if from != Some(session.state)
-            || session.due_transition(at, config).map(|(t, _, _)| t) != Some(to)
-        {
-            return Vec::new();
-        }
+    if reason != Reason::User
+        && (event.from_state() != Some(session.state)
+            || session.due_transition(at, config).map(|(t, _, _)| t) != Some(to))
+    {
+        return Vec::new();
     }
     session
         .apply_request(to, reason, at, config)
         .unwrap_or_default()
 }
 
-/// A derived event, with an id that a retry reproduces (so it is stored once).
-fn derived_event(session: &Session, cause: &Event, seq: u64, k: usize, e: &Emitted) -> Outgoing {
-    let (event_type, data) = e.to_event(&session.id);
-    let mut b = Event::builder(Category::Writing, event_type, session.user_id.clone())
-        .data(data)
-        .timestamp(cause.timestamp)
-        .source(SOURCE)
-        .causation(cause.id.to_string());
-    if let Some(c) = &cause.metadata.correlation_id {
-        b = b.correlation(c.clone());
+/// The derived events of one flush, in order, each with an id that a retry reproduces (so it
+/// is stored once). Consecutive `word_added` are summed into one (with `batches`, how many
+/// keystroke batches it covers), which keeps the stream from growing by one event per batch.
+fn derived_events(session: &Session, emitted: &[(Cause, u64, usize, Emitted)]) -> Vec<OutboxEvent> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < emitted.len() {
+        let (cause, seq, k, e) = &emitted[i];
+        let (event_type, mut data) = e.to_event(&session.id);
+        let mut last = (cause, *seq, *k);
+        if let Emitted::WordAdded { .. } = e {
+            let mut words = 0u64;
+            let mut total = 0u64;
+            let mut batches = 0u32;
+            while let Some((
+                c,
+                s,
+                k,
+                Emitted::WordAdded {
+                    words: w,
+                    total_words,
+                },
+            )) = emitted.get(i)
+            {
+                words += *w as u64;
+                total = *total_words;
+                batches += 1;
+                last = (c, *s, *k);
+                i += 1;
+            }
+            data = json!({"sessionId": session.id, "words": words, "totalWords": total, "batches": batches});
+        } else {
+            i += 1;
+        }
+        let (cause, seq, k) = last;
+        let mut b = Event::builder(Category::Writing, event_type, session.user_id.clone())
+            .data(data)
+            .timestamp(cause.timestamp)
+            .source(SOURCE)
+            .causation(cause.id.to_string());
+        if let Some(c) = &cause.correlation {
+            b = b.correlation(c.clone());
+        }
+        if let Some(p) = &session.project_id {
+            b = b.project(p.clone());
+        }
+        if let Some(d) = &session.document_id {
+            b = b.document(d.clone());
+        }
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("{}:{seq}:{k}", session.id).as_bytes(),
+        );
+        let event = b.id(id).build();
+        out.push(OutboxEvent {
+            subject: subjects::event_subject(Category::Writing, event_type),
+            id: id.to_string(),
+            payload: serde_json::to_string(&event).expect("events serialize"),
+        });
     }
-    if let Some(p) = &session.project_id {
-        b = b.project(p.clone());
-    }
-    if let Some(d) = &session.document_id {
-        b = b.document(d.clone());
-    }
-    let id = uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_OID,
-        format!("{}:{seq}:{k}", session.id).as_bytes(),
-    );
-    let event = b.id(id).build();
-    Outgoing {
-        subject: subjects::event_subject(Category::Writing, event_type),
-        msg_id: id.to_string(),
-        payload: Bytes::from(serde_json::to_vec(&event).expect("events serialize")),
-    }
+    out
 }
 
 /// Live metrics (and the transitions that just happened) for the session's user and project
 /// channels.
-fn live_messages(session: &Session, transitions: &[&Emitted], at: u64, seq: u64) -> Vec<Outgoing> {
+fn live_messages(session: &Session, transitions: &[Emitted], at: u64, seq: u64) -> Vec<Outgoing> {
     let transitions: Vec<Value> = transitions
         .iter()
         .map(|e| {
@@ -477,26 +871,6 @@ fn live_messages(session: &Session, transitions: &[&Emitted], at: u64, seq: u64)
         .collect()
 }
 
-fn batch_of(data: &Value, at_ms: u64) -> Batch {
-    let n = |k: &str| {
-        data.get(k)
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-            .min(u32::MAX as u64) as u32
-    };
-    let b = |k: &str| data.get(k).and_then(Value::as_bool).unwrap_or(false);
-    Batch {
-        at_ms,
-        keys: n("keys"),
-        chars_added: n("charsAdded"),
-        chars_deleted: n("charsDeleted"),
-        words_added: n("wordsAdded"),
-        words_deleted: n("wordsDeleted"),
-        paragraph_boundary: b("paragraphBoundary"),
-        pasted: b("pasted"),
-    }
-}
-
 /// Runs the tracker until `shutdown`.
 pub async fn run_tracker(tracker: Tracker, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut spec = ConsumerSpec::new(subjects::event_stream(Category::Writing), DURABLE);
@@ -506,18 +880,14 @@ pub async fn run_tracker(tracker: Tracker, shutdown: Shutdown) -> anyhow::Result
         Duration::from_secs(5),
         Duration::from_secs(30),
     ];
-    // Up to this many messages are handled together (and buffered locally).
+    // Messages per pull; a flush's worth (and more) may be unacknowledged at once.
     spec.batch = 1000;
+    spec.max_ack_pending = Some((MAX_PENDING + 2 * spec.batch) as i64);
+    let policy = FlushPolicy {
+        interval: tracker.config.flush_interval,
+        max_pending: MAX_PENDING,
+    };
     let js = tracker.js.clone();
-    run_batched(
-        js,
-        spec,
-        move |batch| {
-            let t = tracker.clone();
-            async move { t.handle_batch(batch).await }
-        },
-        shutdown,
-    )
-    .await?;
+    run_write_behind(js, spec, policy, tracker, shutdown).await?;
     Ok(())
 }

@@ -81,10 +81,8 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
     )
     .await?;
     let state = bench.state.clone();
-    let config = TrackerConfig {
-        live_interval: Duration::from_secs(1),
-        ..TrackerConfig::default()
-    };
+    // The configured thresholds (INKWIRE_WRITING_*), as the tracker would run them.
+    let config = TrackerConfig::from_env()?;
     let mut redis = state.redis.clone();
 
     // Baseline: bare pipelined Redis updates, the same count.
@@ -138,6 +136,47 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    // Ceiling: bare JetStream consumption of the same messages (pull, ack each), no work.
+    let consume_secs = {
+        let stream = state.js.get_stream("EVENTS_WRITING").await?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some("bench-bare-consume".into()),
+                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: 22_000,
+                ..Default::default()
+            })
+            .await?;
+        let start = Instant::now();
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .messages()
+            .await?;
+        let mut n = 0;
+        let mut held = Vec::new();
+        let hold = std::env::var("HOLD")
+            .map(|v| v.parse::<usize>().unwrap())
+            .unwrap_or(1);
+        while n < args.batches {
+            let m = messages
+                .next()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("ended"))??;
+            held.push(m);
+            n += 1;
+            if held.len() >= hold || n == args.batches {
+                for m in held.drain(..) {
+                    m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        drop(messages);
+        stream.delete_consumer("bench-bare-consume").await?;
+        secs
+    };
+    eprintln!("bare consume: {:.0}/s", args.batches as f64 / consume_secs);
     // The tracker, alone, until everything is acknowledged.
     let (trigger, shutdown) = ShutdownTrigger::new();
     let tracker = Tracker::new(
@@ -163,6 +202,7 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
         );
     }
     let tracker_secs = start.elapsed().as_secs_f64();
+    eprintln!("TRACKER {:.0}/s", args.batches as f64 / tracker_secs);
     trigger.trigger();
     let _ = task.await;
     let words: u64 = {
