@@ -21,8 +21,9 @@ pub struct ReplayStats {
     pub keys_deleted: u64,
 }
 
-/// The Redis keys that hold writing projections (everything under `inkwire:writing:` except
-/// the API's end-request guards, which are not derived from the stream).
+/// The Redis keys that hold writing projections: everything under `inkwire:writing:` except
+/// the API's end-request guards (not derived from the stream) and the tracker's outboxes
+/// (derived events still to publish: delivery state, which a replay leaves alone).
 pub async fn projection_keys(redis: &mut ConnectionManager) -> redis::RedisResult<Vec<String>> {
     let mut keys = Vec::new();
     let mut cursor: u64 = 0;
@@ -35,7 +36,11 @@ pub async fn projection_keys(redis: &mut ConnectionManager) -> redis::RedisResul
             .arg(1000)
             .query_async(redis)
             .await?;
-        keys.extend(batch.into_iter().filter(|k| !k.ends_with(":end-requested")));
+        keys.extend(
+            batch
+                .into_iter()
+                .filter(|k| !k.ends_with(":end-requested") && !k.ends_with(":outbox")),
+        );
         if next == 0 {
             break;
         }

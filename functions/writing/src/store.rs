@@ -5,7 +5,9 @@
 //! - `inkwire:writing:due`: sorted set of sessions by the time their next time-driven
 //!   transition falls due (the scheduler's queue);
 //! - `inkwire:writing:user:{u}:days`, `inkwire:writing:project:{p}:days`: words per day;
-//! - `inkwire:writing:user:{u}:baseline`: the writer's baseline WPM.
+//! - `inkwire:writing:user:{u}:baseline`: the writer's baseline WPM;
+//! - `inkwire:writing:session:{id}:outbox`: derived events saved with the session and not
+//!   yet confirmed published (hash: event id → subject, newline, event JSON).
 //!
 //! Sessions are saved with an optimistic version check, so two tracker instances can never
 //! overwrite each other's update.
@@ -57,15 +59,40 @@ pub struct Loaded {
 
 /// A derived event waiting to be published: saved with the session that produced it, so a
 /// crash between the save and the publish loses nothing (ids make a repeat a duplicate).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEvent {
     pub subject: String,
     pub id: String,
     pub payload: String,
 }
 
+impl OutboxEvent {
+    /// The stored form: subject, a newline, the event (subjects hold no newline).
+    fn stored(&self) -> String {
+        format!("{}\n{}", self.subject, self.payload)
+    }
+
+    fn from_stored(id: String, stored: &str) -> Option<OutboxEvent> {
+        let (subject, payload) = stored.split_once('\n')?;
+        Some(OutboxEvent {
+            subject: subject.to_string(),
+            id,
+            payload: payload.to_string(),
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Stamped {
+    timestamp: String,
+}
+
 pub fn meta_key(id: &str) -> String {
     format!("{}:meta", session_key(id))
+}
+
+pub fn outbox_key(id: &str) -> String {
+    format!("{}:outbox", session_key(id))
 }
 
 pub async fn load(redis: &mut ConnectionManager, id: &str) -> redis::RedisResult<Option<Loaded>> {
@@ -80,68 +107,64 @@ pub async fn load_many(
     let mut pipe = redis::pipe();
     for id in ids {
         pipe.get(session_key(id))
-            .cmd("HMGET")
-            .arg(meta_key(id))
-            .arg("version")
-            .arg("outbox");
+            .hget(meta_key(id), "version")
+            .hgetall(outbox_key(id));
     }
-    type Row = (Option<String>, (Option<u64>, Option<String>));
+    type Row = (Option<String>, Option<u64>, Vec<(String, String)>);
     let raw: Vec<Row> = pipe.query_async(redis).await?;
     Ok(raw
         .into_iter()
-        .map(|(json, (version, outbox))| {
+        .map(|(json, version, outbox)| {
             let session = serde_json::from_str(&json?).ok()?;
+            let mut outbox: Vec<OutboxEvent> = outbox
+                .into_iter()
+                .filter_map(|(id, stored)| OutboxEvent::from_stored(id, &stored))
+                .collect();
+            // In the order the events happened (UTC RFC 3339 times sort as text).
+            outbox.sort_by_cached_key(|e| {
+                serde_json::from_str::<Stamped>(&e.payload)
+                    .map(|s| s.timestamp)
+                    .unwrap_or_default()
+            });
             Some(Loaded {
                 session,
                 version: version.unwrap_or(0),
-                outbox: outbox
-                    .and_then(|o| serde_json::from_str(&o).ok())
-                    .unwrap_or_default(),
+                outbox,
             })
         })
         .collect())
 }
 
 /// Saves `session` if nobody saved it since `version` was read; also maintains the active
-/// sets, the due queue, per-day word totals (a JSON object `{day: words}`) and the outbox of
-/// derived events still to publish (empty: none).
+/// sets (joined on the first save, left on the end), the due queue, per-day word totals
+/// (`ARGV[8]` pairs of day and words) and the outbox (the remaining pairs: event id and
+/// stored event, added to what is there).
 const SAVE: &str = r#"
 local key, meta, due = KEYS[1], KEYS[2], KEYS[3]
 local current = tonumber(redis.call('HGET', meta, 'version') or '0')
 if current ~= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', key, ARGV[2])
 redis.call('HSET', meta, 'version', current + 1)
-if ARGV[8] ~= '' then redis.call('HSET', meta, 'outbox', ARGV[8]) else redis.call('HDEL', meta, 'outbox') end
 local id, ended, due_at = ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
 if ended then
   redis.call('EXPIRE', key, ARGV[6]) redis.call('EXPIRE', meta, ARGV[6])
   redis.call('SREM', KEYS[4], id) if KEYS[5] ~= '' then redis.call('SREM', KEYS[5], id) end
   redis.call('ZREM', due, id)
 else
-  redis.call('SADD', KEYS[4], id) if KEYS[5] ~= '' then redis.call('SADD', KEYS[5], id) end
+  if ARGV[7] == '1' then
+    redis.call('SADD', KEYS[4], id) if KEYS[5] ~= '' then redis.call('SADD', KEYS[5], id) end
+  end
   if due_at > 0 then redis.call('ZADD', due, due_at, id) else redis.call('ZREM', due, id) end
 end
-for day, words in pairs(cjson.decode(ARGV[7])) do
-  if words ~= 0 then
-    redis.call('HINCRBY', KEYS[6], day, words)
-    if KEYS[7] ~= '' then redis.call('HINCRBY', KEYS[7], day, words) end
-  end
+local days = tonumber(ARGV[8])
+for i = 9, 8 + 2 * days, 2 do
+  redis.call('HINCRBY', KEYS[6], ARGV[i], ARGV[i + 1])
+  if KEYS[7] ~= '' then redis.call('HINCRBY', KEYS[7], ARGV[i], ARGV[i + 1]) end
 end
-return 1
-"#;
-
-/// Removes published events (by id) from a stored outbox, whatever version it is at now.
-const CLEAR_OUTBOX: &str = r#"
-local raw = redis.call('HGET', KEYS[1], 'outbox')
-if not raw then return 0 end
-local done = {}
-for i = 1, #ARGV do done[ARGV[i]] = true end
-local left = {}
-for _, e in ipairs(cjson.decode(raw)) do
-  if not done[e.id] then left[#left + 1] = e end
+if #ARGV > 8 + 2 * days then
+  redis.call('HSET', KEYS[8], unpack(ARGV, 9 + 2 * days))
+  if ended then redis.call('EXPIRE', KEYS[8], ARGV[6]) end
 end
-if #left == 0 then redis.call('HDEL', KEYS[1], 'outbox')
-else redis.call('HSET', KEYS[1], 'outbox', cjson.encode(left)) end
 return 1
 "#;
 
@@ -150,31 +173,20 @@ fn save_script() -> &'static redis::Script {
     SCRIPT.get_or_init(|| redis::Script::new(SAVE))
 }
 
-fn clear_outbox_script() -> &'static redis::Script {
-    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-    SCRIPT.get_or_init(|| redis::Script::new(CLEAR_OUTBOX))
-}
-
-/// Makes sure the scripts are loaded (for [`save_cmd`] and [`clear_outbox_cmd`] in
-/// pipelines).
+/// Makes sure the save script is loaded (for [`save_cmd`] in pipelines).
 pub async fn load_scripts(redis: &mut ConnectionManager) -> redis::RedisResult<()> {
-    save_script().load_async(redis).await?;
-    clear_outbox_script().load_async(redis).await.map(|_| ())
+    save_script().load_async(redis).await.map(|_| ())
 }
 
-/// Removes the published events `ids` from the outbox of session `id` (EVALSHA; see
-/// [`load_scripts`]).
+/// Removes published events (by id) from the outbox of session `id`.
 pub fn clear_outbox_cmd(id: &str, ids: &[String]) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(clear_outbox_script().get_hash())
-        .arg(1)
-        .arg(meta_key(id))
-        .arg(ids);
+    let mut cmd = redis::cmd("HDEL");
+    cmd.arg(outbox_key(id)).arg(ids);
     cmd
 }
 
 /// The save as one command (EVALSHA; call [`load_scripts`] first), answering 1 when saved and
-/// 0 on a version conflict.
+/// 0 on a version conflict. `outbox` holds the derived events new in this save.
 pub fn save_cmd(
     session: &Session,
     version: u64,
@@ -185,9 +197,10 @@ pub fn save_cmd(
     let key = session_key(&session.id);
     let project = session.project_id.as_deref();
     let due_at = session.next_due(cfg).map_or(0, |(at, _, _)| at);
+    let days: Vec<(&String, &i64)> = day_words.iter().filter(|(_, w)| **w != 0).collect();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(save_script().get_hash())
-        .arg(7)
+        .arg(8)
         .arg(&key)
         .arg(meta_key(&session.id))
         .arg(DUE_KEY)
@@ -195,8 +208,9 @@ pub fn save_cmd(
         .arg(project.map(project_active_key).unwrap_or_default())
         .arg(user_days_key(&session.user_id))
         .arg(project.map(project_days_key).unwrap_or_default())
+        .arg(outbox_key(&session.id))
         .arg(version)
-        .arg(serde_json::to_string(session).expect("sessions serialize"))
+        .arg(serde_json::to_vec(session).expect("sessions serialize"))
         .arg(&session.id)
         .arg(if session.state == SessionState::Ended {
             "1"
@@ -205,12 +219,15 @@ pub fn save_cmd(
         })
         .arg(due_at)
         .arg(ENDED_TTL_SECS)
-        .arg(serde_json::to_string(day_words).expect("maps serialize"))
-        .arg(if outbox.is_empty() {
-            String::new()
-        } else {
-            serde_json::to_string(outbox).expect("outboxes serialize")
-        });
+        // The active sets are joined once, on the first save.
+        .arg(if version == 0 { "1" } else { "0" })
+        .arg(days.len());
+    for (day, words) in days {
+        cmd.arg(day).arg(*words);
+    }
+    for e in outbox {
+        cmd.arg(&e.id).arg(e.stored());
+    }
     cmd
 }
 

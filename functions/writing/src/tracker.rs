@@ -128,11 +128,7 @@ async fn publish(
     for (id, ids) in &published {
         pipe.add_command(store::clear_outbox_cmd(id, ids)).ignore();
     }
-    let cleared = match store::load_scripts(&mut redis).await {
-        Ok(()) => pipe.query_async::<()>(&mut redis).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = cleared {
+    if let Err(e) = pipe.query_async::<()>(&mut redis).await {
         // Harmless: a later load publishes them again, as duplicates.
         tracing::warn!(error = %e, "clearing outboxes failed");
     }
@@ -155,7 +151,7 @@ struct Entry {
     emitted: Vec<(Cause, u64, usize, Emitted)>,
     /// Saved derived events not yet confirmed published.
     outbox: Vec<OutboxEvent>,
-    /// The outbox the save in flight writes (becomes `outbox` when it is saved).
+    /// Derived events in the save in flight (they join `outbox` when it is saved).
     saving_outbox: Vec<OutboxEvent>,
     /// The session ended since the last save (the writer's baseline is then updated).
     ended_now: bool,
@@ -534,12 +530,12 @@ impl Tracker {
                 .sessions
                 .get_mut(&id)
                 .expect("dirty sessions are resident");
-            // This flush's derived events join the outbox saved with the session.
-            e.saving_outbox = e.outbox.clone();
-            if self.emit {
-                e.saving_outbox
-                    .extend(derived_events(&e.session, &e.emitted));
-            }
+            // This flush's derived events are saved with the session (its outbox).
+            e.saving_outbox = if self.emit {
+                derived_events(&e.session, &e.emitted)
+            } else {
+                Vec::new()
+            };
             e.emitted.clear();
             pipe.add_command(store::save_cmd(
                 &e.session,
@@ -596,7 +592,8 @@ impl Tracker {
                 continue;
             }
             e.version += 1;
-            e.outbox = std::mem::take(&mut e.saving_outbox);
+            let saved_outbox = std::mem::take(&mut e.saving_outbox);
+            e.outbox.extend(saved_outbox);
             results.extend(e.saving.drain(..).map(|(seq, _)| (seq, Ok(()))));
             if ended && e.session.active_ms >= 60_000 {
                 let s = &e.session;
@@ -627,7 +624,6 @@ impl Tracker {
         for (id, ids) in task.await.unwrap_or_default() {
             if let Some(e) = self.sessions.get_mut(&id) {
                 e.outbox.retain(|o| !ids.contains(&o.id));
-                e.saving_outbox.retain(|o| !ids.contains(&o.id));
             }
         }
     }
@@ -881,7 +877,7 @@ pub async fn run_tracker(tracker: Tracker, shutdown: Shutdown) -> anyhow::Result
         Duration::from_secs(30),
     ];
     // Messages per pull; a flush's worth (and more) may be unacknowledged at once.
-    spec.batch = 1000;
+    spec.batch = 2000;
     spec.max_ack_pending = Some((MAX_PENDING + 2 * spec.batch) as i64);
     let policy = FlushPolicy {
         interval: tracker.config.flush_interval,
