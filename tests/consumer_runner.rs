@@ -8,7 +8,8 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use bytes::Bytes;
 use futures::StreamExt;
 use inkwire_shared::consumer::{
-    ConsumerSpec, Delivery, HandlerError, RunStats, Shutdown, ShutdownTrigger, run,
+    ConsumerSpec, Delivery, FlushPolicy, HandlerError, RunStats, Shutdown, ShutdownTrigger,
+    Verdict, WriteBehind, run, run_write_behind,
 };
 use inkwire_shared::idempotency::{Writes, apply_once, high_water_mark};
 use inkwire_shared::subjects::dlq_headers;
@@ -299,4 +300,138 @@ async fn shutdown_stops_the_runner_promptly() {
         .expect("runner stops")
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+/// A write-behind worker that keeps what it applied in memory and "saves" it to `stored` on
+/// a flush; the first `fail_flushes` flushes fail (and forget the unsaved state).
+struct Counter {
+    applied: Vec<u64>,
+    stored: Arc<Mutex<Vec<u64>>>,
+    seen: Arc<Mutex<usize>>,
+    fail_flushes: usize,
+}
+
+impl WriteBehind for Counter {
+    async fn apply(&mut self, batch: Vec<Delivery>) -> Vec<Verdict> {
+        *self.seen.lock().unwrap() += batch.len();
+        batch
+            .iter()
+            .map(|d| {
+                self.applied.push(d.stream_sequence);
+                Verdict::Pending
+            })
+            .collect()
+    }
+    async fn flush(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        let applied = std::mem::take(&mut self.applied);
+        if self.fail_flushes > 0 {
+            self.fail_flushes -= 1;
+            return applied
+                .into_iter()
+                .map(|s| (s, Err(HandlerError::Retry("store down".into()))))
+                .collect();
+        }
+        self.stored.lock().unwrap().extend(&applied);
+        applied.into_iter().map(|s| (s, Ok(()))).collect()
+    }
+    async fn written(&mut self) {
+        std::future::pending().await
+    }
+    async fn settle(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        Vec::new()
+    }
+}
+
+async fn ack_pending(env: &TestEnv, durable: &str) -> (u64, usize) {
+    let stream = env.state.js.get_stream("EVENTS_SYSTEM").await.unwrap();
+    let mut c = stream.get_consumer::<pull::Config>(durable).await.unwrap();
+    let info = c.info().await.unwrap();
+    (info.ack_floor.stream_sequence, info.num_ack_pending)
+}
+
+#[tokio::test]
+async fn write_behind_acks_only_what_a_flush_made_durable() {
+    let env = TestEnv::start().await;
+    for i in 0..5 {
+        publish(&env, &format!("wb-{i}"), "{}").await;
+    }
+    let stored: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let seen: Arc<Mutex<usize>> = Arc::default();
+    let worker = Counter {
+        applied: Vec::new(),
+        stored: stored.clone(),
+        seen: seen.clone(),
+        fail_flushes: 0,
+    };
+    // A flush only by time, and a long one: everything stays pending until shutdown.
+    let policy = FlushPolicy {
+        interval: Duration::from_secs(60),
+        max_pending: 1000,
+    };
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let js = env.state.js.clone();
+    let task = tokio::spawn(run_write_behind(
+        js,
+        spec("wb-acks"),
+        policy,
+        worker,
+        shutdown,
+    ));
+    wait_until("five applied", || *seen.lock().unwrap() == 5).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        ack_pending(&env, "wb-acks").await,
+        (0, 5),
+        "applied but not flushed: nothing acknowledged"
+    );
+    assert!(stored.lock().unwrap().is_empty());
+    // Shutdown flushes, then acknowledges.
+    trigger.trigger();
+    let stats = task.await.unwrap().unwrap();
+    assert_eq!(stats.acked, 5);
+    assert_eq!(*stored.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ack_pending(&env, "wb-acks").await != (5, 0) {
+        assert!(Instant::now() < deadline, "acks never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn write_behind_redelivers_what_a_failed_flush_lost() {
+    let env = TestEnv::start().await;
+    for i in 0..4 {
+        publish(&env, &format!("wb-{i}"), "{}").await;
+    }
+    let stored: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let worker = Counter {
+        applied: Vec::new(),
+        stored: stored.clone(),
+        seen: Arc::default(),
+        fail_flushes: 1,
+    };
+    let policy = FlushPolicy {
+        interval: Duration::from_millis(50),
+        max_pending: 1000,
+    };
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let js = env.state.js.clone();
+    let task = tokio::spawn(run_write_behind(
+        js,
+        spec("wb-fail"),
+        policy,
+        worker,
+        shutdown,
+    ));
+    wait_until("all stored after the retry", || {
+        stored.lock().unwrap().len() >= 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    trigger.trigger();
+    let stats = task.await.unwrap().unwrap();
+    let mut stored = stored.lock().unwrap().clone();
+    stored.sort();
+    assert_eq!(stored, vec![1, 2, 3, 4], "each stored once, none lost");
+    assert_eq!((stats.acked, stats.retried), (4, 4), "{stats:?}");
 }

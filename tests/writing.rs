@@ -456,6 +456,94 @@ async fn a_redelivered_batch_is_counted_once() {
     );
 }
 
+/// A keystroke batch of Alice's for session `id`, as the tracker receives it at `seq`.
+fn keystroke(id: &str, seq: u64, words: u32) -> Delivery {
+    let event = json!({"id": uuid::Uuid::new_v4().to_string(), "category": "writing", "type": "keystroke",
+        "userId": "alice", "projectId": "p-1", "timestamp": "2030-01-01T00:00:00Z",
+        "data": {"sessionId": id, "keys": 5, "charsAdded": 5, "charsDeleted": 0, "wordsAdded": words}});
+    Delivery {
+        subject: "events.writing.keystroke".into(),
+        payload: Bytes::from(event.to_string()),
+        stream_sequence: seq,
+        deliveries: 1,
+    }
+}
+
+#[tokio::test]
+async fn a_stale_instance_takes_the_newer_state_and_applies_again() {
+    let env = env().await;
+    let alice = env.token("alice");
+    let id = start_session(&env, &alice).await;
+    wait_for_state(&env, &alice, &id, "idle", Duration::from_secs(2)).await;
+    let tracker = || Tracker::new(env.state.js.clone(), env.state.redis.clone(), fast(), false);
+    let (mut a, mut b) = (tracker(), tracker());
+    // A holds the session in memory; B saves a newer version behind A's back.
+    a.handle(keystroke(&id, 2_000_001, 1)).await.unwrap();
+    b.handle(keystroke(&id, 2_000_002, 2)).await.unwrap();
+    // A's save is refused (version), so it reloads B's state and applies its input again.
+    a.handle(keystroke(&id, 2_000_003, 4)).await.unwrap();
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(m["words"], 7, "every instance's input, once: {m}");
+    // And B, now stale in turn, does the same.
+    b.handle(keystroke(&id, 2_000_004, 8)).await.unwrap();
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(
+        (m["words"].as_u64(), m["keystrokes"].as_u64()),
+        (Some(15), Some(20)),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn derived_events_saved_before_a_crash_are_published_on_recovery() {
+    let env = env().await;
+    let alice = env.token("alice");
+    let id = start_session(&env, &alice).await;
+    wait_for_state(&env, &alice, &id, "idle", Duration::from_secs(2)).await;
+    // What a tracker leaves behind if it dies between saving a session and publishing the
+    // derived events saved with it.
+    let event_id = uuid::Uuid::new_v4().to_string();
+    let derived = json!({"id": event_id, "category": "writing", "type": "paragraph_completed",
+        "userId": "alice", "projectId": "p-1", "timestamp": "2030-01-01T00:00:00Z",
+        "data": {"sessionId": id, "paragraphIndex": 0, "words": 3}, "metadata": {"source": "tracker"}});
+    let outbox = inkwire_writing::store::outbox_key(&id);
+    let mut redis = env.state.redis.clone();
+    redis::cmd("HSET")
+        .arg(&outbox)
+        .arg(&event_id)
+        .arg(format!("events.writing.paragraph_completed\n{derived}"))
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    // The next tracker to load the session publishes them, once, and empties the outbox.
+    let mut t = Tracker::new(env.state.js.clone(), env.state.redis.clone(), fast(), true);
+    t.handle(keystroke(&id, 3_000_001, 1)).await.unwrap();
+    let admin = env.admin_token();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, page) = env
+            .get(
+                "/api/realtime/events/writing?type=paragraph_completed",
+                &admin,
+            )
+            .await;
+        let left: i64 = redis::cmd("EXISTS")
+            .arg(&outbox)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if page["count"] == 1 && left == 0 {
+            assert_eq!(page["events"][0]["id"], event_id.as_str());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outbox not published: {page}, key left: {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn events_for_someone_elses_session_are_ignored() {
     let env = env().await;
