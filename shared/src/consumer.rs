@@ -340,7 +340,10 @@ pub trait WriteBehind: Send {
     }
 }
 
-/// When a write-behind runner flushes.
+/// When a write-behind runner flushes: when it has caught up with the stream (nothing more
+/// is waiting, and no write is under way), or `interval` after the oldest unflushed message,
+/// or at `max_pending` messages, whichever comes first. Under a backlog, writes batch up to
+/// an interval's worth; at a trickle, each message is written at once.
 #[derive(Debug, Clone, Copy)]
 pub struct FlushPolicy {
     /// At the latest this long after the oldest pending message was applied.
@@ -370,6 +373,7 @@ pub async fn run_write_behind<W: WriteBehind>(
         due: None,
         stats: RunStats::default(),
         acking: Vec::new(),
+        caught_up: false,
     };
     loop {
         let timer = async {
@@ -387,6 +391,10 @@ pub async fn run_write_behind<W: WriteBehind>(
             _ = worker.written() => {
                 let settled = worker.settle().await;
                 run.settled(&mut worker, settled).await;
+                // Idle since: what came in meanwhile is written now rather than on the timer.
+                if run.caught_up && run.unwritten(&worker) > 0 {
+                    run.flush(&mut worker).await;
+                }
                 continue;
             }
             n = messages.next() => n,
@@ -414,6 +422,11 @@ pub async fn run_write_behind<W: WriteBehind>(
             }
         }
         let seqs: Vec<u64> = deliveries.iter().map(|d| d.stream_sequence).collect();
+        // Nothing more waiting on the server: a flush now costs no batching.
+        run.caught_up = kept
+            .last()
+            .and_then(|m| m.info().ok())
+            .is_some_and(|i| i.pending == 0);
         let mut verdicts = worker.apply(deliveries).await.into_iter();
         let mut done = Vec::new();
         for (msg, seq) in kept.into_iter().zip(seqs) {
@@ -428,7 +441,11 @@ pub async fn run_write_behind<W: WriteBehind>(
             }
         }
         run.ack_all(done);
-        if run.pending.len() >= policy.max_pending || worker.wants_flush() {
+        let unwritten = run.unwritten(&worker);
+        if unwritten >= policy.max_pending
+            || worker.wants_flush()
+            || (run.caught_up && worker.writing() == 0 && unwritten > 0)
+        {
             run.flush(&mut worker).await;
         }
     }
@@ -460,9 +477,16 @@ struct WriteBehindRun<'a> {
     stats: RunStats,
     /// Background ack tasks, awaited before the runner returns.
     acking: Vec<tokio::task::JoinHandle<()>>,
+    /// The last batch left nothing waiting on the server.
+    caught_up: bool,
 }
 
 impl WriteBehindRun<'_> {
+    /// Pending messages not yet in a write.
+    fn unwritten<W: WriteBehind>(&self, worker: &W) -> usize {
+        self.pending.len().saturating_sub(worker.writing())
+    }
+
     fn hold(&mut self, msg: Message, seq: u64) {
         self.pending.insert(seq, msg);
         let interval = self.policy.interval;
@@ -515,8 +539,8 @@ impl WriteBehindRun<'_> {
         // Messages in a write under way are settled when it is written; the timer is for
         // what is still to be written.
         let now = tokio::time::Instant::now();
-        let by_pending = (self.pending.len() > worker.writing())
-            .then(|| self.due.unwrap_or(now + self.policy.interval));
+        let by_pending =
+            (self.unwritten(worker) > 0).then(|| self.due.unwrap_or(now + self.policy.interval));
         let by_worker = worker.next_flush().map(|d| now + d);
         self.due = match (by_pending, by_worker) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -710,10 +710,16 @@ impl WriteBehind for Tracker {
         self.in_flight.as_ref().map_or(0, |f| f.messages)
     }
     fn next_flush(&self) -> Option<Duration> {
-        // Held-back live pushes, and derived events still to publish, are sent by flushes.
-        let unpublished = self.emit && self.sessions.values().any(|e| !e.outbox.is_empty());
-        (!self.owed.is_empty() || unpublished)
-            .then_some(self.config.live_interval.min(self.config.flush_interval))
+        // Held-back live pushes, and derived events still to publish, are sent by flushes
+        // (not more often than every 10 ms).
+        let floor = Duration::from_millis(10);
+        let owed = (!self.owed.is_empty()).then_some(self.config.live_interval.max(floor));
+        let unpublished = (self.emit && self.sessions.values().any(|e| !e.outbox.is_empty()))
+            .then_some(self.config.flush_interval.max(floor));
+        match (owed, unpublished) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 

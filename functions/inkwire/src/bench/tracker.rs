@@ -2,10 +2,12 @@
 //!
 //! (a) baseline — bare pipelined Redis: one `HINCRBY` per keystroke batch on the batch's
 //!     session hash, 1,000 commands per round trip;
-//! (b) tracker — the same number of keystroke batches, preloaded into `EVENTS_WRITING` for
+//! (b) ceiling — the same messages pulled and acked by a bare JetStream consumer (no work):
+//!     the delivery cost the tracker cannot avoid, for scale;
+//! (c) tracker — the same number of keystroke batches, preloaded into `EVENTS_WRITING` for
 //!     many concurrent sessions, consumed by one tracker instance (projection, derived
 //!     events, live pushes), timed until the consumer has acknowledged everything;
-//! (c) latency — a WebSocket client on the writer's `user:` channel; each keystroke POST is
+//! (d) latency — a WebSocket client on the writer's `user:` channel; each keystroke POST is
 //!     timed until the live metrics showing it arrive (with the once-per-second throttle off).
 
 use std::time::{Duration, Instant};
@@ -137,46 +139,8 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     // Ceiling: bare JetStream consumption of the same messages (pull, ack each), no work.
-    let consume_secs = {
-        let stream = state.js.get_stream("EVENTS_WRITING").await?;
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some("bench-bare-consume".into()),
-                ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
-                max_ack_pending: 22_000,
-                ..Default::default()
-            })
-            .await?;
-        let start = Instant::now();
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(1000)
-            .messages()
-            .await?;
-        let mut n = 0;
-        let mut held = Vec::new();
-        let hold = std::env::var("HOLD")
-            .map(|v| v.parse::<usize>().unwrap())
-            .unwrap_or(1);
-        while n < args.batches {
-            let m = messages
-                .next()
-                .await
-                .ok_or_else(|| anyhow::anyhow!("ended"))??;
-            held.push(m);
-            n += 1;
-            if held.len() >= hold || n == args.batches {
-                for m in held.drain(..) {
-                    m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                }
-            }
-        }
-        let secs = start.elapsed().as_secs_f64();
-        drop(messages);
-        stream.delete_consumer("bench-bare-consume").await?;
-        secs
-    };
-    eprintln!("bare consume: {:.0}/s", args.batches as f64 / consume_secs);
+    let consume_secs = bare_consume(&state, args.batches).await?;
+
     // The tracker, alone, until everything is acknowledged.
     let (trigger, shutdown) = ShutdownTrigger::new();
     let tracker = Tracker::new(
@@ -189,7 +153,7 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
     let task = tokio::spawn(run_tracker(tracker, shutdown));
     let stream = state.js.get_stream("EVENTS_WRITING").await?;
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         if let Ok(mut c) = stream.get_consumer::<pull::Config>(DURABLE).await {
             let info = c.info().await?;
             if info.ack_floor.stream_sequence >= args.batches && info.num_ack_pending == 0 {
@@ -202,7 +166,6 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
         );
     }
     let tracker_secs = start.elapsed().as_secs_f64();
-    eprintln!("TRACKER {:.0}/s", args.batches as f64 / tracker_secs);
     trigger.trigger();
     let _ = task.await;
     let words: u64 = {
@@ -234,6 +197,18 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
         },
         TrackerResult {
             bench: "tracker",
+            scenario: "ceiling: bare JetStream consume",
+            batches: args.batches,
+            seconds: consume_secs,
+            batches_per_sec: args.batches as f64 / consume_secs,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            ratio_to_baseline: args.batches as f64 / consume_secs / base_rate,
+            baseline_batches_per_sec: base_rate,
+        },
+        TrackerResult {
+            bench: "tracker",
             scenario: "tracker: one instance",
             batches: args.batches,
             seconds: tracker_secs,
@@ -259,9 +234,9 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
     ];
     let (p50, p99, max) = percentiles(latency);
     let mut results = results;
-    results[2].p50_ms = p50;
-    results[2].p99_ms = p99;
-    results[2].max_ms = max;
+    results[3].p50_ms = p50;
+    results[3].p99_ms = p99;
+    results[3].max_ms = max;
     if args.json {
         for r in &results {
             println!("{}", serde_json::to_string(r)?);
@@ -284,8 +259,15 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
             );
         }
         println!(
-            "  {} sessions; the tracker publishes derived events and live metrics as in production",
-            args.sessions
+            "  {} sessions, {} batches each; the tracker {}; the ceiling row is JetStream \
+             delivery and acks alone (no work), for scale",
+            args.sessions,
+            args.batches.div_ceil(args.sessions),
+            if args.no_emit {
+                "publishes no derived events or live metrics (--no-emit)"
+            } else {
+                "publishes derived events and live metrics as in production"
+            }
         );
     }
     bench.stop().await;
@@ -378,4 +360,36 @@ async fn latency_scenario(
     let _ = server.await;
     running.finished().await;
     Ok(latencies)
+}
+
+/// Pulls and acks `count` messages of the writing stream with a consumer of its own and no
+/// work in between: what JetStream delivery costs on this machine.
+async fn bare_consume(state: &inkwire_shared::AppState, count: u64) -> anyhow::Result<f64> {
+    const NAME: &str = "bench-bare-consume";
+    let stream = state.js.get_stream("EVENTS_WRITING").await?;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(NAME.into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await?;
+    let start = Instant::now();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(2000)
+        .messages()
+        .await?;
+    for _ in 0..count {
+        let m = messages
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the stream ended early"))??;
+        m.ack().await.map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(messages);
+    stream.delete_consumer(NAME).await?;
+    Ok(secs)
 }
