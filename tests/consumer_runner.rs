@@ -303,12 +303,30 @@ async fn shutdown_stops_the_runner_promptly() {
 }
 
 /// A write-behind worker that keeps what it applied in memory and "saves" it to `stored` on
-/// a flush; the first `fail_flushes` flushes fail (and forget the unsaved state).
+/// a flush; the first `fail_flushes` flushes fail (and forget the unsaved state). With a
+/// `gate`, a save is a write under way that completes only when the gate gets a permit.
 struct Counter {
     applied: Vec<u64>,
+    writing: Vec<u64>,
+    written: bool,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
     stored: Arc<Mutex<Vec<u64>>>,
     seen: Arc<Mutex<usize>>,
     fail_flushes: usize,
+}
+
+impl Counter {
+    fn new(stored: &Arc<Mutex<Vec<u64>>>, seen: &Arc<Mutex<usize>>) -> Counter {
+        Counter {
+            applied: Vec::new(),
+            writing: Vec::new(),
+            written: false,
+            gate: None,
+            stored: stored.clone(),
+            seen: seen.clone(),
+            fail_flushes: 0,
+        }
+    }
 }
 
 impl WriteBehind for Counter {
@@ -323,22 +341,46 @@ impl WriteBehind for Counter {
             .collect()
     }
     async fn flush(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
+        let mut settled = Vec::new();
+        if !self.writing.is_empty() {
+            self.written().await;
+            settled = self.settle().await;
+        }
         let applied = std::mem::take(&mut self.applied);
         if self.fail_flushes > 0 {
             self.fail_flushes -= 1;
-            return applied
-                .into_iter()
-                .map(|s| (s, Err(HandlerError::Retry("store down".into()))))
-                .collect();
+            settled.extend(
+                applied
+                    .into_iter()
+                    .map(|s| (s, Err(HandlerError::Retry("store down".into())))),
+            );
+        } else if self.gate.is_some() {
+            self.writing = applied;
+        } else {
+            self.stored.lock().unwrap().extend(&applied);
+            settled.extend(applied.into_iter().map(|s| (s, Ok(()))));
         }
-        self.stored.lock().unwrap().extend(&applied);
-        applied.into_iter().map(|s| (s, Ok(()))).collect()
+        settled
     }
     async fn written(&mut self) {
-        std::future::pending().await
+        match &self.gate {
+            Some(gate) if !self.writing.is_empty() && !self.written => {
+                gate.acquire().await.unwrap().forget();
+                self.written = true;
+            }
+            _ => std::future::pending().await,
+        }
     }
     async fn settle(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
-        Vec::new()
+        if !std::mem::take(&mut self.written) {
+            return Vec::new();
+        }
+        let done = std::mem::take(&mut self.writing);
+        self.stored.lock().unwrap().extend(&done);
+        done.into_iter().map(|s| (s, Ok(()))).collect()
+    }
+    fn writing(&self) -> usize {
+        self.writing.len()
     }
 }
 
@@ -357,13 +399,9 @@ async fn write_behind_acks_only_what_a_flush_made_durable() {
     }
     let stored: Arc<Mutex<Vec<u64>>> = Arc::default();
     let seen: Arc<Mutex<usize>> = Arc::default();
-    let worker = Counter {
-        applied: Vec::new(),
-        stored: stored.clone(),
-        seen: seen.clone(),
-        fail_flushes: 0,
-    };
-    // A flush only by time, and a long one: everything stays pending until shutdown.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut worker = Counter::new(&stored, &seen);
+    worker.gate = Some(gate.clone());
     let policy = FlushPolicy {
         interval: Duration::from_secs(60),
         max_pending: 1000,
@@ -377,24 +415,26 @@ async fn write_behind_acks_only_what_a_flush_made_durable() {
         worker,
         shutdown,
     ));
+    // Caught up with the stream, the runner flushes at once; the write is still under way.
     wait_until("five applied", || *seen.lock().unwrap() == 5).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         ack_pending(&env, "wb-acks").await,
         (0, 5),
-        "applied but not flushed: nothing acknowledged"
+        "applied but not written: nothing acknowledged"
     );
     assert!(stored.lock().unwrap().is_empty());
-    // Shutdown flushes, then acknowledges.
-    trigger.trigger();
-    let stats = task.await.unwrap().unwrap();
-    assert_eq!(stats.acked, 5);
-    assert_eq!(*stored.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+    // The write completes: then, and only then, the messages are acknowledged.
+    gate.add_permits(1);
     let deadline = Instant::now() + Duration::from_secs(5);
     while ack_pending(&env, "wb-acks").await != (5, 0) {
         assert!(Instant::now() < deadline, "acks never arrived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(*stored.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+    trigger.trigger();
+    let stats = task.await.unwrap().unwrap();
+    assert_eq!((stats.acked, stats.retried), (5, 0));
 }
 
 #[tokio::test]
@@ -404,12 +444,8 @@ async fn write_behind_redelivers_what_a_failed_flush_lost() {
         publish(&env, &format!("wb-{i}"), "{}").await;
     }
     let stored: Arc<Mutex<Vec<u64>>> = Arc::default();
-    let worker = Counter {
-        applied: Vec::new(),
-        stored: stored.clone(),
-        seen: Arc::default(),
-        fail_flushes: 1,
-    };
+    let mut worker = Counter::new(&stored, &Arc::default());
+    worker.fail_flushes = 1;
     let policy = FlushPolicy {
         interval: Duration::from_millis(50),
         max_pending: 1000,

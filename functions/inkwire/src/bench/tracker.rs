@@ -36,8 +36,8 @@ pub struct TrackerArgs {
     /// One JSON object per scenario on stdout.
     #[arg(long)]
     json: bool,
-    /// Keystroke batches to process.
-    #[arg(long, default_value_t = 100_000)]
+    /// Keystroke batches to process (enough that start-up does not dominate).
+    #[arg(long, default_value_t = 400_000)]
     batches: u64,
     /// Concurrent sessions they belong to.
     #[arg(long, default_value_t = 1_000)]
