@@ -127,8 +127,11 @@ async fn a_scripted_session_warms_up_flows_pauses_breaks_and_ends_on_time() {
     let mut kinds = Vec::new();
     while let Ok(f) = watcher.next_within(Duration::from_millis(500)).await {
         if f["op"] == "message" && f["data"]["kind"] == "writing.metrics" {
-            for t in f["data"]["transitions"].as_array().unwrap() {
-                kinds.push(t["type"].as_str().unwrap().to_string());
+            for session in f["data"]["sessions"].as_array().unwrap() {
+                assert_eq!(session["metrics"]["sessionId"], id.as_str());
+                for t in session["transitions"].as_array().unwrap() {
+                    kinds.push(t["type"].as_str().unwrap().to_string());
+                }
             }
         }
     }

@@ -192,7 +192,7 @@ pub struct Session {
     pub flow_ms: u64,
     pub baseline_wpm: f64,
     pub last_seq: u64,
-    pub recent_seqs: Vec<u64>,
+    pub recent_seqs: std::collections::VecDeque<u64>,
 }
 
 impl Session {
@@ -241,7 +241,7 @@ impl Session {
             flow_ms: 0,
             baseline_wpm,
             last_seq: 0,
-            recent_seqs: Vec::new(),
+            recent_seqs: std::collections::VecDeque::new(),
         }
     }
 
@@ -255,9 +255,9 @@ impl Session {
         if self.recent_seqs.contains(&seq) {
             return false;
         }
-        self.recent_seqs.push(seq);
+        self.recent_seqs.push_back(seq);
         if self.recent_seqs.len() > RECENT_SEQS {
-            self.recent_seqs.remove(0);
+            self.recent_seqs.pop_front();
         }
         self.last_seq = self.last_seq.max(seq);
         true
@@ -400,6 +400,9 @@ impl Session {
             }),
         }
         let horizon = sec.saturating_sub(WINDOW_SECS);
+        if self.buckets.first().is_none_or(|x| x.sec > horizon) {
+            return;
+        }
         let keep_from = self
             .buckets
             .iter()

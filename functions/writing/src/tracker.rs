@@ -370,21 +370,31 @@ impl Tracker {
     }
 
     /// Sends live metrics (with the transitions that just happened) for these sessions, in
-    /// the background: they are best effort, and the projection is what counts.
+    /// the background: they are best effort, and the projection is what counts. Sessions
+    /// that share a channel share a message (a project with many writers gets one frame per
+    /// batch, not one per writer).
     fn push_live(&mut self, pushes: HashMap<String, Vec<Emitted>>) {
         let now = Instant::now();
-        let mut out = Vec::new();
+        let mut by_channel: HashMap<Channel, Vec<Value>> = HashMap::new();
         for (id, transitions) in pushes {
             self.owed.remove(&id);
             if let Some(entry) = self.sessions.get_mut(&id) {
                 entry.last_push = Some(now);
-                let (at, seq) = entry.latest;
-                out.extend(live_messages(&entry.session, &transitions, at, seq));
+                let (at, _) = entry.latest;
+                let s = &entry.session;
+                let item = live_item(s, &transitions, at);
+                if let Some(p) = &s.project_id {
+                    let project = Channel::new(ChannelKind::Project, p.clone());
+                    by_channel.entry(project).or_default().push(item.clone());
+                }
+                let user = Channel::new(ChannelKind::User, s.user_id.clone());
+                by_channel.entry(user).or_default().push(item);
             }
         }
-        if !self.emit || out.is_empty() {
+        if !self.emit || by_channel.is_empty() {
             return;
         }
+        let out = live_messages(by_channel);
         let js = self.js.clone();
         tokio::spawn(async move {
             if let Err(e) = publish_windowed(&js, out, 512).await {
@@ -849,9 +859,8 @@ fn derived_events(session: &Session, emitted: &[(Cause, u64, usize, Emitted)]) -
     out
 }
 
-/// Live metrics (and the transitions that just happened) for the session's user and project
-/// channels.
-fn live_messages(session: &Session, transitions: &[Emitted], at: u64, seq: u64) -> Vec<Outgoing> {
+/// One session's live entry: its metrics and the transitions that just happened.
+fn live_item(session: &Session, transitions: &[Emitted], at: u64) -> Value {
     let transitions: Vec<Value> = transitions
         .iter()
         .map(|e| {
@@ -859,18 +868,28 @@ fn live_messages(session: &Session, transitions: &[Emitted], at: u64, seq: u64) 
             json!({"type": t, "data": d})
         })
         .collect();
-    let data = json!({"kind": "writing.metrics", "metrics": session.metrics(at), "transitions": transitions});
-    let mut targets = vec![Channel::new(ChannelKind::User, session.user_id.clone())];
-    if let Some(p) = &session.project_id {
-        targets.push(Channel::new(ChannelKind::Project, p.clone()));
+    json!({"metrics": session.metrics(at), "transitions": transitions})
+}
+
+/// Sessions per live message (keeps frames well under the NATS payload limit).
+const LIVE_SESSIONS_PER_MESSAGE: usize = 100;
+
+/// The live messages for each channel: `data = {"kind": "writing.metrics", "sessions": [..]}`.
+fn live_messages(by_channel: HashMap<Channel, Vec<Value>>) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    for (channel, items) in by_channel {
+        for chunk in items.chunks(LIVE_SESSIONS_PER_MESSAGE) {
+            let data = json!({"kind": "writing.metrics", "sessions": chunk});
+            let id = format!("writing:{channel}:{}", uuid::Uuid::now_v7());
+            out.push(channels::outgoing(
+                &channel,
+                MessageType::DocumentUpdate,
+                &data,
+                id,
+            ));
+        }
     }
-    targets
-        .into_iter()
-        .map(|channel| {
-            let id = format!("writing:{}:{seq}:{channel}", session.id);
-            channels::outgoing(&channel, MessageType::DocumentUpdate, &data, id)
-        })
-        .collect()
+    out
 }
 
 /// Runs the tracker until `shutdown`.

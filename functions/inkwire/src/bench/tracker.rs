@@ -349,7 +349,7 @@ async fn latency_scenario(
                 .ok_or_else(|| anyhow::anyhow!("socket closed"))??;
             let Message::Text(text) = msg else { continue };
             let v: serde_json::Value = serde_json::from_str(&text)?;
-            if v["data"]["metrics"]["keystrokes"].as_u64() >= Some(n) {
+            if v["data"]["sessions"][0]["metrics"]["keystrokes"].as_u64() >= Some(n) {
                 break;
             }
         }
