@@ -47,7 +47,7 @@ pub const DURABLE: &str = "writing-tracker";
 pub const SOURCE: &str = "tracker";
 
 /// Sessions kept in memory before the unused ones are dropped (a bound, not a tuning knob).
-const RESIDENT_LIMIT: usize = 200_000;
+const RESIDENT_LIMIT: usize = 50_000;
 /// A session nobody wrote to for this long leaves memory (it is reloaded when needed).
 const IDLE_EVICT: Duration = Duration::from_secs(10 * 60);
 /// Unsaved messages of one session that make the tracker ask for a flush: half the window of
