@@ -902,8 +902,10 @@ pub async fn run_tracker(tracker: Tracker, shutdown: Shutdown) -> anyhow::Result
         Duration::from_secs(30),
     ];
     // Messages per pull; a flush's worth (and more) may be unacknowledged at once.
-    spec.batch = 2000;
-    spec.max_ack_pending = Some((MAX_PENDING + 2 * spec.batch) as i64);
+    spec.batch = 8000;
+    // Unacknowledged at once: up to a flush's worth being written, another being applied, and
+    // the batches in hand; a lower limit would stall delivery while a save is under way.
+    spec.max_ack_pending = Some((2 * MAX_PENDING + 4 * spec.batch) as i64);
     let policy = FlushPolicy {
         interval: tracker.config.flush_interval,
         max_pending: MAX_PENDING,
