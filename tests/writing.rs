@@ -518,7 +518,8 @@ async fn derived_events_saved_before_a_crash_are_published_on_recovery() {
         .query_async::<()>(&mut redis)
         .await
         .unwrap();
-    // The next tracker to load the session publishes them, once, and empties the outbox.
+    // The next tracker to load the session publishes them, once, and takes them out of the
+    // outbox.
     let mut t = Tracker::new(env.state.js.clone(), env.state.redis.clone(), fast(), true);
     t.handle(keystroke(&id, 3_000_001, 1)).await.unwrap();
     let admin = env.admin_token();
@@ -530,8 +531,9 @@ async fn derived_events_saved_before_a_crash_are_published_on_recovery() {
                 &admin,
             )
             .await;
-        let left: i64 = redis::cmd("EXISTS")
+        let left: i64 = redis::cmd("HEXISTS")
             .arg(&outbox)
+            .arg(&event_id)
             .query_async(&mut redis)
             .await
             .unwrap();

@@ -243,7 +243,6 @@ where
     H: Fn(Vec<Delivery>) -> F,
     F: Future<Output = Vec<Result<(), HandlerError>>>,
 {
-    use futures::FutureExt;
     let (mut messages, advisories) = open(&js, &spec).await?;
     let mut stats = RunStats::default();
     loop {
@@ -251,28 +250,11 @@ where
             n = messages.next() => n,
             _ = shutdown.wait() => break,
         };
-        let mut batch = match first {
-            Some(Ok(m)) => vec![m],
-            Some(Err(e)) => {
-                tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
-                continue;
-            }
-            None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+        let (kept, deliveries) = match gather(&spec, &mut messages, first).await {
+            Ok(Some(b)) => b,
+            Ok(None) => continue,
+            Err(e) => return Err(e),
         };
-        while batch.len() < spec.batch {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
-                _ => break,
-            }
-        }
-        let mut kept = Vec::with_capacity(batch.len());
-        let mut deliveries = Vec::with_capacity(batch.len());
-        for m in batch {
-            if let Some(d) = delivery_of(&m).await {
-                deliveries.push(d);
-                kept.push(m);
-            }
-        }
         let outcomes = match tokio::time::timeout(spec.ack_wait, handler(deliveries)).await {
             Ok(o) => o,
             Err(_) => vec![
@@ -363,7 +345,6 @@ pub async fn run_write_behind<W: WriteBehind>(
     mut worker: W,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<RunStats> {
-    use futures::FutureExt;
     let (mut messages, advisories) = open(&js, &spec).await?;
     let mut run = WriteBehindRun {
         js: &js,
@@ -399,28 +380,11 @@ pub async fn run_write_behind<W: WriteBehind>(
             }
             n = messages.next() => n,
         };
-        let mut batch = match first {
-            Some(Ok(m)) => vec![m],
-            Some(Err(e)) => {
-                tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
-                continue;
-            }
-            None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+        let (kept, deliveries) = match gather(&spec, &mut messages, first).await {
+            Ok(Some(b)) => b,
+            Ok(None) => continue,
+            Err(e) => return Err(e),
         };
-        while batch.len() < spec.batch {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
-                _ => break,
-            }
-        }
-        let mut kept = Vec::with_capacity(batch.len());
-        let mut deliveries = Vec::with_capacity(batch.len());
-        for m in batch {
-            if let Some(d) = delivery_of(&m).await {
-                deliveries.push(d);
-                kept.push(m);
-            }
-        }
         let seqs: Vec<u64> = deliveries.iter().map(|d| d.stream_sequence).collect();
         // Nothing more waiting on the server: a flush now costs no batching.
         run.caught_up = kept
@@ -547,6 +511,40 @@ impl WriteBehindRun<'_> {
             (a, b) => a.or(b),
         };
     }
+}
+
+/// A batch: the first message (what the pull stream just gave) and every one already here
+/// after it, up to `spec.batch`, with the handler's view of each. `None` after a stream
+/// error (logged; the caller goes on), an error when the stream ended.
+async fn gather(
+    spec: &ConsumerSpec,
+    messages: &mut async_nats::jetstream::consumer::pull::Stream,
+    first: Option<Result<Message, async_nats::jetstream::consumer::pull::MessagesError>>,
+) -> anyhow::Result<Option<(Vec<Message>, Vec<Delivery>)>> {
+    use futures::FutureExt;
+    let mut batch = match first {
+        Some(Ok(m)) => vec![m],
+        Some(Err(e)) => {
+            tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
+            return Ok(None);
+        }
+        None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+    };
+    while batch.len() < spec.batch {
+        match messages.next().now_or_never() {
+            Some(Some(Ok(m))) => batch.push(m),
+            _ => break,
+        }
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    let mut deliveries = Vec::with_capacity(batch.len());
+    for m in batch {
+        if let Some(d) = delivery_of(&m).await {
+            deliveries.push(d);
+            kept.push(m);
+        }
+    }
+    Ok(Some((kept, deliveries)))
 }
 
 /// Naks (without delay) the messages that already reached this process, so that

@@ -182,61 +182,38 @@ pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
 
     // Latency: keystroke POST → live metrics on the WebSocket, throttle off.
     let latency = latency_scenario(&state, args.latency_samples).await?;
+    // A throughput row: `args.batches` in `secs`, beside the Redis baseline.
+    let throughput = |scenario: &'static str, secs: f64| TrackerResult {
+        bench: "tracker",
+        scenario,
+        batches: args.batches,
+        seconds: secs,
+        batches_per_sec: args.batches as f64 / secs,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        max_ms: 0.0,
+        ratio_to_baseline: args.batches as f64 / secs / base_rate,
+        baseline_batches_per_sec: base_rate,
+    };
+    let samples = latency.len() as u64;
+    let (p50, p99, max) = percentiles(latency);
     let results = vec![
-        TrackerResult {
-            bench: "tracker",
-            scenario: "baseline: bare pipelined Redis",
-            batches: args.batches,
-            seconds: base_secs,
-            batches_per_sec: base_rate,
-            p50_ms: 0.0,
-            p99_ms: 0.0,
-            max_ms: 0.0,
-            ratio_to_baseline: 1.0,
-            baseline_batches_per_sec: base_rate,
-        },
-        TrackerResult {
-            bench: "tracker",
-            scenario: "ceiling: bare JetStream consume",
-            batches: args.batches,
-            seconds: consume_secs,
-            batches_per_sec: args.batches as f64 / consume_secs,
-            p50_ms: 0.0,
-            p99_ms: 0.0,
-            max_ms: 0.0,
-            ratio_to_baseline: args.batches as f64 / consume_secs / base_rate,
-            baseline_batches_per_sec: base_rate,
-        },
-        TrackerResult {
-            bench: "tracker",
-            scenario: "tracker: one instance",
-            batches: args.batches,
-            seconds: tracker_secs,
-            batches_per_sec: args.batches as f64 / tracker_secs,
-            p50_ms: 0.0,
-            p99_ms: 0.0,
-            max_ms: 0.0,
-            ratio_to_baseline: args.batches as f64 / tracker_secs / base_rate,
-            baseline_batches_per_sec: base_rate,
-        },
+        throughput("baseline: bare pipelined Redis", base_secs),
+        throughput("ceiling: bare JetStream consume", consume_secs),
+        throughput("tracker: one instance", tracker_secs),
         TrackerResult {
             bench: "tracker",
             scenario: "latency: POST → WebSocket",
-            batches: latency.len() as u64,
+            batches: samples,
             seconds: 0.0,
             batches_per_sec: 0.0,
-            p50_ms: 0.0,
-            p99_ms: 0.0,
-            max_ms: 0.0,
+            p50_ms: p50,
+            p99_ms: p99,
+            max_ms: max,
             ratio_to_baseline: 0.0,
             baseline_batches_per_sec: base_rate,
         },
     ];
-    let (p50, p99, max) = percentiles(latency);
-    let mut results = results;
-    results[3].p50_ms = p50;
-    results[3].p99_ms = p99;
-    results[3].max_ms = max;
     if args.json {
         for r in &results {
             println!("{}", serde_json::to_string(r)?);
