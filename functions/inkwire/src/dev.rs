@@ -64,7 +64,7 @@ pub async fn run(addr: SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
         "  relay      ws://{addr}/ws/collaboration  (also /ws/analytics, /ws/notifications, /ws/presence)"
     );
     println!(
-        "  relay      ws://{addr}/ws/collaboration  (also /ws/analytics, /ws/notifications, /ws/presence)"
+        "  writing    http://{addr}/api/realtime/writing/sessions/start  (tracker and scheduler run here too)"
     );
     println!("  health     http://{addr}/healthz   readiness http://{addr}/readyz");
     println!(
