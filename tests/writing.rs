@@ -498,6 +498,50 @@ async fn a_stale_instance_takes_the_newer_state_and_applies_again() {
 }
 
 #[tokio::test]
+async fn a_crash_before_or_after_the_save_neither_loses_nor_doubles_input() {
+    use inkwire_shared::consumer::WriteBehind;
+    let env = env().await;
+    let alice = env.token("alice");
+    let id = start_session(&env, &alice).await;
+    wait_for_state(&env, &alice, &id, "idle", Duration::from_secs(2)).await;
+    let tracker = || Tracker::new(env.state.js.clone(), env.state.redis.clone(), fast(), false);
+    let words = |m: &Value| m["words"].as_u64();
+
+    // Applied, never saved, then the process dies: the message was not acknowledged, so
+    // it is redelivered — to another instance — and counted then.
+    let mut a = tracker();
+    a.apply(vec![keystroke(&id, 4_000_001, 3)]).await;
+    drop(a);
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(words(&m), Some(0), "nothing saved yet: {m}");
+    let mut b = tracker();
+    b.handle(keystroke(&id, 4_000_001, 3)).await.unwrap();
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(words(&m), Some(3), "{m}");
+
+    // Applied and saved, then the process dies before acknowledging: the redelivery is
+    // recognised and changes nothing.
+    let mut c = tracker();
+    c.apply(vec![keystroke(&id, 4_000_002, 5)]).await;
+    assert!(
+        c.flush().await.is_empty(),
+        "the save is under way, nothing settled yet"
+    );
+    c.written().await;
+    drop(c);
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(words(&m), Some(8), "{m}");
+    let mut d = tracker();
+    d.handle(keystroke(&id, 4_000_002, 5)).await.unwrap();
+    let (_, m) = env.get(&path(&id, "metrics"), &alice).await;
+    assert_eq!(
+        (words(&m), m["keystrokes"].as_u64()),
+        (Some(8), Some(10)),
+        "{m}"
+    );
+}
+
+#[tokio::test]
 async fn derived_events_saved_before_a_crash_are_published_on_recovery() {
     let env = env().await;
     let alice = env.token("alice");

@@ -380,6 +380,10 @@ impl Tracker {
             self.owed.remove(&id);
             if let Some(entry) = self.sessions.get_mut(&id) {
                 entry.last_push = Some(now);
+                if !self.emit {
+                    // A replay: nobody is watching.
+                    continue;
+                }
                 let (at, _) = entry.latest;
                 let s = &entry.session;
                 let item = live_item(s, &transitions, at);
