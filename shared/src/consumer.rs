@@ -11,9 +11,9 @@
 //! - on shutdown the runner finishes the message in hand, releases the rest of the batch
 //!   (nak without delay) and returns.
 //!
-//! Three shapes: [`run`] (one message at a time), [`run_batched`] (what is at hand, settled
-//! together) and [`run_write_behind`] (a worker that applies in memory and makes its state
-//! durable in periodic flushes; each message is acked only after the flush that covers it).
+//! Two shapes: [`run`] (one message at a time) and [`run_write_behind`] (a worker that
+//! applies what is at hand in memory and makes its state durable in periodic flushes; each
+//! message is acked only after the flush that covers it).
 
 use std::future::Future;
 use std::time::Duration;
@@ -215,64 +215,10 @@ where
             n = messages.next() => n,
             _ = shutdown.wait() => break,
         };
-        let msg = match next {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
-                continue;
-            }
-            None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+        let Some(msg) = first_message(&spec, next)? else {
+            continue;
         };
         handle_one(&js, &spec, &handler, msg, &mut stats).await;
-    }
-    release_buffered(&mut messages).await;
-    advisories.abort();
-    Ok(stats)
-}
-
-/// Like [`run`], but hands the handler every message that is already here (up to
-/// `spec.batch`) at once, so it can group its reads and writes; the handler returns one
-/// outcome per delivery, in order.
-pub async fn run_batched<H, F>(
-    js: Context,
-    spec: ConsumerSpec,
-    handler: H,
-    mut shutdown: Shutdown,
-) -> anyhow::Result<RunStats>
-where
-    H: Fn(Vec<Delivery>) -> F,
-    F: Future<Output = Vec<Result<(), HandlerError>>>,
-{
-    let (mut messages, advisories) = open(&js, &spec).await?;
-    let mut stats = RunStats::default();
-    loop {
-        let first = tokio::select! {
-            n = messages.next() => n,
-            _ = shutdown.wait() => break,
-        };
-        let (kept, deliveries) = match gather(&spec, &mut messages, first).await {
-            Ok(Some(b)) => b,
-            Ok(None) => continue,
-            Err(e) => return Err(e),
-        };
-        let outcomes = match tokio::time::timeout(spec.ack_wait, handler(deliveries)).await {
-            Ok(o) => o,
-            Err(_) => vec![
-                Err(HandlerError::Retry(format!(
-                    "batch handler took longer than {:?}",
-                    spec.ack_wait
-                )));
-                kept.len()
-            ],
-        };
-        for (msg, outcome) in
-            kept.into_iter()
-                .zip(outcomes.into_iter().chain(std::iter::repeat_with(|| {
-                    Err(HandlerError::Retry("no outcome from the handler".into()))
-                })))
-        {
-            settle(&js, &spec, msg, outcome, &mut stats).await;
-        }
     }
     release_buffered(&mut messages).await;
     advisories.abort();
@@ -334,7 +280,8 @@ pub struct FlushPolicy {
     pub max_pending: usize,
 }
 
-/// Like [`run_batched`], for a [`WriteBehind`] worker: messages are applied as they arrive,
+/// Like [`run`], for a [`WriteBehind`] worker: messages are applied as they arrive (every
+/// one already here, up to `spec.batch`, at once),
 /// flushed by `policy`, and each is acked after the flush that made it durable, so a crash
 /// at any point loses nothing (what was not flushed is redelivered). On shutdown the worker
 /// flushes until nothing is pending (a few rounds at most).
@@ -513,6 +460,22 @@ impl WriteBehindRun<'_> {
     }
 }
 
+/// What the pull stream gave: the message, `None` after a stream error (logged; the caller
+/// goes on), an error when the stream ended.
+fn first_message(
+    spec: &ConsumerSpec,
+    next: Option<Result<Message, async_nats::jetstream::consumer::pull::MessagesError>>,
+) -> anyhow::Result<Option<Message>> {
+    match next {
+        Some(Ok(m)) => Ok(Some(m)),
+        Some(Err(e)) => {
+            tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
+            Ok(None)
+        }
+        None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+    }
+}
+
 /// A batch: the first message (what the pull stream just gave) and every one already here
 /// after it, up to `spec.batch`, with the handler's view of each. `None` after a stream
 /// error (logged; the caller goes on), an error when the stream ended.
@@ -522,14 +485,10 @@ async fn gather(
     first: Option<Result<Message, async_nats::jetstream::consumer::pull::MessagesError>>,
 ) -> anyhow::Result<Option<(Vec<Message>, Vec<Delivery>)>> {
     use futures::FutureExt;
-    let mut batch = match first {
-        Some(Ok(m)) => vec![m],
-        Some(Err(e)) => {
-            tracing::warn!(consumer = %spec.durable, error = %e, "pull stream error; continuing");
-            return Ok(None);
-        }
-        None => anyhow::bail!("consumer {}: pull stream ended", spec.durable),
+    let Some(first) = first_message(spec, first)? else {
+        return Ok(None);
     };
+    let mut batch = vec![first];
     while batch.len() < spec.batch {
         match messages.next().now_or_never() {
             Some(Some(Ok(m))) => batch.push(m),

@@ -89,6 +89,11 @@ struct InFlight {
 /// Per session, the ids of the derived events a publish task published.
 type Published = Vec<(String, Vec<String>)>;
 
+/// A save task's answer, a panicked or cancelled task counting as a failed save.
+fn joined(r: Result<Result<Vec<i64>, String>, tokio::task::JoinError>) -> Result<Vec<i64>, String> {
+    r.unwrap_or_else(|e| Err(format!("save task failed: {e}")))
+}
+
 /// Runs one save pipeline.
 async fn save(mut redis: ConnectionManager, pipe: redis::Pipeline) -> Result<Vec<i64>, String> {
     store::load_scripts(&mut redis)
@@ -178,6 +183,22 @@ impl Entry {
             latest: (0, 0),
         }
     }
+
+    /// Its unsaved messages as failures to retry (the entry is being dropped, so their
+    /// redeliveries apply them again on what is stored).
+    fn fail_unsaved(self, why: &str) -> Vec<(u64, Result<(), HandlerError>)> {
+        let id = self.session.id;
+        self.saving
+            .into_iter()
+            .chain(self.pending)
+            .map(|(seq, _)| {
+                (
+                    seq,
+                    Err(HandlerError::Retry(format!("session {id}: {why}"))),
+                )
+            })
+            .collect()
+    }
 }
 
 /// What a derived event needs of the event that caused it.
@@ -253,9 +274,8 @@ impl Tracker {
             .collect()
     }
 
-    /// Applies the deliveries in memory: loads the sessions that are not resident (and
-    /// checks the resident ones are current) in one round trip, then applies in stream order
-    /// and sends the live pushes that are due.
+    /// Applies the deliveries in memory: loads the sessions that are not resident in one
+    /// round trip, then applies in stream order and sends the live pushes that are due.
     async fn apply_all(&mut self, deliveries: Vec<Delivery>) -> Vec<Verdict> {
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(deliveries.len());
         let mut parsed: Vec<Option<(Input, u64, Bytes)>> = Vec::with_capacity(deliveries.len());
@@ -407,30 +427,24 @@ impl Tracker {
         });
     }
 
-    /// Pushes the held-back live metrics whose second is over; returns how soon the next
-    /// one is.
-    fn push_owed(&mut self) -> Option<Duration> {
+    /// Pushes the held-back live metrics whose second is over.
+    fn push_owed(&mut self) {
         let interval = self.config.live_interval;
-        let mut next: Option<Duration> = None;
         let mut ready = HashMap::new();
         self.owed.retain(|id| {
             let Some(entry) = self.sessions.get(id) else {
                 return false;
             };
-            let since = entry.last_push.map_or(interval, |t| t.elapsed());
-            if since >= interval {
+            if entry.last_push.is_none_or(|t| t.elapsed() >= interval) {
                 ready.insert(id.clone(), Vec::new());
                 false
             } else {
-                let wait = interval - since;
-                next = Some(next.map_or(wait, |n| n.min(wait)));
                 true
             }
         });
         if !ready.is_empty() {
             self.push_live(ready);
         }
-        next
     }
 
     /// Loads `ids` from Redis in one round trip; a session already in memory is replaced by
@@ -458,16 +472,7 @@ impl Tracker {
                     }
                     self.sessions.insert(id.clone(), entry);
                 }
-                (None, Some(old)) => {
-                    lost.extend(old.saving.into_iter().chain(old.pending).map(|(seq, _)| {
-                        (
-                            seq,
-                            Err(HandlerError::Retry(format!(
-                                "session {id} is no longer stored"
-                            ))),
-                        )
-                    }))
-                }
+                (None, Some(old)) => lost.extend(old.fail_unsaved("it is no longer stored")),
                 (None, None) => {}
             }
         }
@@ -581,9 +586,7 @@ impl Tracker {
         };
         let report = match flight.report.take() {
             Some(r) => r,
-            None => (&mut flight.task)
-                .await
-                .unwrap_or_else(|e| Err(format!("save task failed: {e}"))),
+            None => joined((&mut flight.task).await),
         };
         let saved = match report {
             Ok(saved) => saved,
@@ -668,12 +671,7 @@ impl Tracker {
         let mut out = Vec::new();
         for id in ids {
             if let Some(e) = self.sessions.remove(id) {
-                out.extend(e.saving.into_iter().chain(e.pending).map(|(seq, _)| {
-                    (
-                        seq,
-                        Err(HandlerError::Retry(format!("session {id}: {why}"))),
-                    )
-                }));
+                out.extend(e.fail_unsaved(why));
             }
         }
         out
@@ -708,8 +706,7 @@ impl WriteBehind for Tracker {
         match self.in_flight.as_mut() {
             Some(f) if f.report.is_none() => {
                 // Cancel-safe: the task keeps its result until it is awaited again.
-                let r = (&mut f.task).await;
-                f.report = Some(r.unwrap_or_else(|e| Err(format!("save task failed: {e}"))));
+                f.report = Some(joined((&mut f.task).await));
             }
             _ => std::future::pending().await,
         }
