@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use inkwire_shared::consumer::{
     ConsumerSpec, Delivery, FlushPolicy, HandlerError, RunStats, Shutdown, ShutdownTrigger,
-    Verdict, WriteBehind, run, run_write_behind,
+    Verdict, WriteBehind, run, run_concurrent, run_write_behind,
 };
 use inkwire_shared::idempotency::{Writes, apply_once, high_water_mark};
 use inkwire_shared::subjects::dlq_headers;
@@ -470,4 +470,78 @@ async fn write_behind_redelivers_what_a_failed_flush_lost() {
     stored.sort();
     assert_eq!(stored, vec![1, 2, 3, 4], "each stored once, none lost");
     assert_eq!((stats.acked, stats.retried), (4, 4), "{stats:?}");
+}
+
+/// The concurrent runner overlaps messages of different subjects but keeps one subject's
+/// messages in stream order, and settles everything it took when stopped.
+#[tokio::test]
+async fn the_concurrent_runner_overlaps_subjects_and_keeps_each_subjects_order() {
+    let env = TestEnv::start().await;
+    let subjects = [
+        "events.system.service_started",
+        "events.system.service_stopped",
+    ];
+    for n in 0..60u32 {
+        inkwire_shared::jetstream::publish(
+            &env.state.js,
+            inkwire_shared::jetstream::Outgoing {
+                subject: subjects[(n % 2) as usize].into(),
+                msg_id: format!("c-{n}"),
+                payload: Bytes::from(n.to_string()),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let js = env.state.js.clone();
+    let (log, act, top) = (seen.clone(), active.clone(), most.clone());
+    let task = tokio::spawn(async move {
+        run_concurrent(
+            js,
+            spec("concurrent"),
+            move |d: Delivery| {
+                let (log, act, top) = (log.clone(), act.clone(), top.clone());
+                async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let now = act.fetch_add(1, SeqCst) + 1;
+                    top.fetch_max(now, SeqCst);
+                    let n: u32 = std::str::from_utf8(&d.payload).unwrap().parse().unwrap();
+                    // Later messages finish sooner: order is kept only if the runner keeps it.
+                    tokio::time::sleep(Duration::from_millis(u64::from(60 - n) / 4)).await;
+                    log.lock().unwrap().push((d.subject.clone(), n));
+                    act.fetch_sub(1, SeqCst);
+                    Ok(())
+                }
+            },
+            8,
+            shutdown,
+        )
+        .await
+        .unwrap()
+    });
+    wait_until("all 60 handled", || seen.lock().unwrap().len() == 60).await;
+    trigger.trigger();
+    let stats = task.await.unwrap();
+    assert_eq!(stats.acked, 60);
+    let seen = seen.lock().unwrap();
+    for subject in subjects {
+        let order: Vec<u32> = seen
+            .iter()
+            .filter(|(s, _)| s == subject)
+            .map(|(_, n)| *n)
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "{subject} handled out of order");
+        assert_eq!(order.len(), 30);
+    }
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "two subjects overlap, never more"
+    );
 }

@@ -4,25 +4,11 @@ use std::time::Duration;
 
 use inkwire_shared::channels::{self, Channel, MessageType};
 use inkwire_shared::membership::ProjectRole;
-use inkwire_tests::{Ended, TestEnv, WsClient, json, ws_url};
+use inkwire_tests::{BROADCAST, Ended, TestEnv, WsClient, broadcast, json, ws_url};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-const BROADCAST: &str = "/api/realtime/websocket/broadcast";
-
-async fn broadcast(env: &TestEnv, channel: &str, n: u64) -> u64 {
-    let (status, body) = env
-        .post(
-            BROADCAST,
-            &env.service_token(),
-            &json!({"channel": channel, "type": "system", "data": {"n": n}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    body["seq"].as_u64().unwrap()
-}
 
 /// Publishes straight to the RELAY stream (faster than the API for bulk).
 async fn publish_direct(env: &TestEnv, channel: &str, data: Value) -> u64 {
@@ -566,24 +552,21 @@ async fn server_api_and_router_deliver_to_the_right_people() {
     }
 
     // The router forwards domain events to project, document and category channels,
-    // except raw keystrokes.
+    // except the per-batch ones (word_added, keystrokes). Both are the tracker's (or a back
+    // end's) to publish.
     let mut doc = WsClient::connect(&env.ws_url("collaboration", &env.token("bob"))).await;
     doc.subscribe("document:d-1", None).await;
     let mut admin = WsClient::connect(&env.ws_url("analytics", &env.admin_token())).await;
     admin.subscribe("category:writing", None).await;
-    let keystroke = json!({"category": "writing", "type": "keystroke", "userId": "bob", "documentId": "d-1",
-        "data": {"sessionId": "s", "keys": 10, "charsAdded": 9, "charsDeleted": 1}});
+    let words = json!({"category": "writing", "type": "word_added", "userId": "bob", "documentId": "d-1",
+        "data": {"sessionId": "s", "words": 3}});
     let (status, _) = env
-        .post(
-            "/api/realtime/events/publish",
-            &env.token("bob"),
-            &keystroke,
-        )
+        .post("/api/realtime/events/publish", &env.service_token(), &words)
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let event = json!({"category": "writing", "type": "paragraph_completed", "userId": "bob", "documentId": "d-1", "data": {"sessionId": "s", "words": 2}});
     let (status, published) = env
-        .post("/api/realtime/events/publish", &env.token("bob"), &event)
+        .post("/api/realtime/events/publish", &env.service_token(), &event)
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     for c in [&mut doc, &mut admin] {
@@ -591,7 +574,7 @@ async fn server_api_and_router_deliver_to_the_right_people() {
         assert_eq!(m["type"], "document_update", "{m}");
         assert_eq!(
             m["data"]["id"], published["id"],
-            "the paragraph_completed event, not the keystroke"
+            "the paragraph_completed event, not the word_added"
         );
         assert_eq!(m["data"]["type"], "paragraph_completed");
     }

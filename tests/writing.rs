@@ -6,13 +6,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use inkwire_shared::consumer::Delivery;
 use inkwire_shared::membership::ProjectRole;
-use inkwire_tests::{TestEnv, WsClient, json};
+use inkwire_tests::{START, TestEnv, WsClient, json, start_session};
 use inkwire_writing::state_machine::TrackerConfig;
 use inkwire_writing::tracker::Tracker;
 use reqwest::StatusCode;
 use serde_json::Value;
-
-const START: &str = "/api/realtime/writing/sessions/start";
 
 fn fast() -> TrackerConfig {
     TrackerConfig {
@@ -35,18 +33,6 @@ async fn env() -> TestEnv {
     env.add_member("p-1", "bob", ProjectRole::Reader).await;
     env.register_document("p-1", "d-1").await;
     env
-}
-
-/// Starts a session for `token`'s user in p-1/d-1 and returns its id.
-async fn start_session(env: &TestEnv, token: &str) -> String {
-    let (_, started) = env
-        .post(
-            START,
-            token,
-            &json!({"projectId": "p-1", "documentId": "d-1"}),
-        )
-        .await;
-    started["sessionId"].as_str().unwrap().to_string()
 }
 
 fn path(id: &str, action: &str) -> String {
@@ -448,6 +434,7 @@ async fn a_redelivered_batch_is_counted_once() {
         payload: Bytes::from(event.to_string()),
         stream_sequence: 1_000_000,
         deliveries: n,
+        published: None,
     };
     tracker.handle(delivery(1)).await.unwrap();
     tracker.handle(delivery(2)).await.unwrap();
@@ -469,6 +456,7 @@ fn keystroke(id: &str, seq: u64, words: u32) -> Delivery {
         payload: Bytes::from(event.to_string()),
         stream_sequence: seq,
         deliveries: 1,
+        published: None,
     }
 }
 
@@ -602,7 +590,7 @@ async fn events_for_someone_elses_session_are_ignored() {
     // Mallory publishes a keystroke event of her own that names Alice's session.
     let forged = json!({"category": "writing", "type": "keystroke", "userId": "mallory", "projectId": "p-1",
         "data": {"sessionId": id, "keys": 100, "charsAdded": 500, "charsDeleted": 0, "wordsAdded": 100}});
-    let (status, _) = env
+    let (status, body) = env
         .post(
             "/api/realtime/events/publish",
             &env.token("mallory"),
@@ -610,10 +598,26 @@ async fn events_for_someone_elses_session_are_ignored() {
         )
         .await;
     assert_eq!(
-        status,
-        StatusCode::ACCEPTED,
-        "her own event is valid on the events API"
+        (status, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("domain_api_required")),
+        "keystrokes go through the writing API: {body}"
     );
+    // Had it reached the stream some other way (a publisher on NATS), the tracker would
+    // still leave Alice's session alone.
+    let mut forged = forged;
+    forged["id"] = json!(uuid::Uuid::new_v4().to_string());
+    forged["timestamp"] = json!(
+        time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    env.state
+        .js
+        .publish("events.writing.keystroke", forged.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let (status, _) = env
         .post(
             &path(&id, "keystroke"),

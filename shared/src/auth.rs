@@ -12,7 +12,7 @@ use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::problem::Problem;
+use crate::problem::{Problem, clip};
 use crate::state::AppState;
 
 /// A global role carried in the token.
@@ -82,8 +82,14 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    /// `nbf` (not before) is still in the future.
+    #[error("token not yet valid")]
+    NotYetValid,
     #[error("invalid token: {0}")]
     Invalid(&'static str),
+    /// A claim is missing or has a value inkwire does not accept; the text names the claim.
+    #[error("invalid token: {0}")]
+    Claim(String),
 }
 
 impl From<AuthError> for Problem {
@@ -96,6 +102,7 @@ impl JwtKeys {
     pub fn hs256(secret: &str) -> JwtKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         JwtKeys {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
@@ -115,32 +122,90 @@ impl JwtKeys {
         })
     }
 
-    /// Signs arbitrary claims (tests use this for expired tokens).
-    pub fn sign(&self, claims: &Claims) -> String {
+    /// Signs arbitrary claims (tests use this for expired tokens and odd claims).
+    pub fn sign(&self, claims: &impl Serialize) -> String {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
             .expect("HS256 signing cannot fail")
     }
 
-    /// Verifies a token and returns the caller it names.
+    /// Verifies a token and returns the caller it names. The signature, `exp` and `nbf` are
+    /// checked by `jsonwebtoken`; the claims are then read one by one so that an error names
+    /// the claim at fault.
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
-                ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not allowed"),
-                ErrorKind::MissingRequiredClaim(_) => AuthError::Invalid("missing claim"),
-                _ => AuthError::Invalid("malformed"),
-            })?;
-        let claims = data.claims;
-        if !crate::membership::is_valid_id(&claims.sub) {
-            return Err(AuthError::Invalid("subject is not a valid user id"));
-        }
-        Ok(Caller {
-            user_id: claims.sub,
-            roles: claims.roles,
-            expires_at: claims.exp,
-        })
+        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &self.decoding,
+            &self.validation,
+        )
+        .map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::Invalid("bad signature"),
+            ErrorKind::InvalidAlgorithm => AuthError::Invalid("algorithm not allowed"),
+            // Also when present but not of the right type: the library does not tell apart.
+            ErrorKind::MissingRequiredClaim(claim) => AuthError::Claim(format!(
+                "missing claim {:?}{}",
+                clip(claim, 32),
+                match claim.as_str() {
+                    "exp" => " (expiry, seconds since 1970)",
+                    "sub" => " (the user id, a string)",
+                    _ => "",
+                }
+            )),
+            ErrorKind::InvalidClaimFormat(claim) => AuthError::Claim(format!(
+                "claim {:?} must be a number of seconds since 1970",
+                clip(claim, 32)
+            )),
+            ErrorKind::Json(_) => AuthError::Invalid("the payload is not a JSON object"),
+            _ => AuthError::Invalid("malformed"),
+        })?;
+        caller_from_claims(&data.claims)
     }
+}
+
+/// The caller named by verified claims; an error names the claim at fault.
+fn caller_from_claims(
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Caller, AuthError> {
+    use serde_json::Value;
+    let user_id = match claims.get("sub") {
+        Some(Value::String(s)) if crate::membership::is_valid_id(s) => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(AuthError::Claim(
+                "claim \"sub\" is not a valid user id (1-64 letters, digits, '_' or '-')".into(),
+            ));
+        }
+        _ => return Err(AuthError::Claim("claim \"sub\" must be a string".into())),
+    };
+    let roles = match claims.get("roles") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(r) => r.parse::<GlobalRole>().map_err(|_| {
+                    AuthError::Claim(format!(
+                        "claim \"roles\" has unknown role {:?} (service or admin)",
+                        clip(r, 32)
+                    ))
+                }),
+                _ => Err(AuthError::Claim(
+                    "claim \"roles\" must be a list of strings".into(),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(AuthError::Claim(
+                "claim \"roles\" must be a list of strings".into(),
+            ));
+        }
+    };
+    // `exp` was checked to be a whole number by the library.
+    let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+    Ok(Caller {
+        user_id,
+        roles,
+        expires_at,
+    })
 }
 
 pub fn unix_now() -> u64 {
@@ -209,5 +274,80 @@ mod tests {
 
         let bad_sub = keys.issue("u.1>", &[], Duration::from_secs(60));
         assert!(keys.verify(&bad_sub).is_err());
+    }
+
+    fn claim_error(keys: &JwtKeys, claims: serde_json::Value) -> String {
+        match keys.verify(&keys.sign(&claims)) {
+            Err(e) => e.to_string(),
+            Ok(c) => panic!("accepted {claims}: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn nbf_is_honoured() {
+        let keys = JwtKeys::hs256("0123456789abcdef0123");
+        let now = unix_now();
+        let later = serde_json::json!({"sub": "u-1", "exp": now + 3600, "nbf": now + 600});
+        assert_eq!(keys.verify(&keys.sign(&later)), Err(AuthError::NotYetValid));
+        assert_eq!(AuthError::NotYetValid.to_string(), "token not yet valid");
+        // Within the leeway, and in the past: valid.
+        for nbf in [now + 2, now - 600] {
+            let ok = serde_json::json!({"sub": "u-1", "exp": now + 3600, "nbf": nbf});
+            assert_eq!(keys.verify(&keys.sign(&ok)).unwrap().user_id, "u-1");
+        }
+        let bad = serde_json::json!({"sub": "u-1", "exp": now + 3600, "nbf": "soon"});
+        assert!(claim_error(&keys, bad).contains("\"nbf\""));
+    }
+
+    #[test]
+    fn claim_errors_name_the_claim() {
+        let keys = JwtKeys::hs256("0123456789abcdef0123");
+        let exp = unix_now() + 3600;
+        let cases = [
+            (
+                serde_json::json!({"sub": "u-1", "exp": exp, "roles": ["root"]}),
+                "invalid token: claim \"roles\" has unknown role \"root\" (service or admin)",
+            ),
+            (
+                serde_json::json!({"sub": "u-1", "exp": exp, "roles": ["admin", 7]}),
+                "invalid token: claim \"roles\" must be a list of strings",
+            ),
+            (
+                serde_json::json!({"sub": "u-1", "exp": exp, "roles": "admin"}),
+                "invalid token: claim \"roles\" must be a list of strings",
+            ),
+            (
+                serde_json::json!({"sub": "u-1"}),
+                "invalid token: missing claim \"exp\" (expiry, seconds since 1970)",
+            ),
+            (
+                serde_json::json!({"exp": exp}),
+                "invalid token: missing claim \"sub\" (the user id, a string)",
+            ),
+            (
+                serde_json::json!({"sub": 42, "exp": exp}),
+                "invalid token: missing claim \"sub\" (the user id, a string)",
+            ),
+            (
+                serde_json::json!({"sub": "u.1>", "exp": exp}),
+                "invalid token: claim \"sub\" is not a valid user id (1-64 letters, digits, '_' or '-')",
+            ),
+        ];
+        for (claims, expected) in cases {
+            assert_eq!(claim_error(&keys, claims.clone()), expected, "{claims}");
+        }
+        // A huge unknown role is not echoed whole.
+        let long = "r".repeat(10_000);
+        let e = claim_error(
+            &keys,
+            serde_json::json!({"sub": "u-1", "exp": exp, "roles": [long]}),
+        );
+        assert!(e.len() < 200, "{e}");
+        // Known roles still work, and null means none.
+        let ok = serde_json::json!({"sub": "u-1", "exp": exp, "roles": ["service", "admin"]});
+        let c = keys.verify(&keys.sign(&ok)).unwrap();
+        assert!(c.is_service() && c.is_admin() && c.expires_at == exp);
+        let none = serde_json::json!({"sub": "u-1", "exp": exp, "roles": null});
+        assert!(keys.verify(&keys.sign(&none)).unwrap().roles.is_empty());
     }
 }

@@ -8,9 +8,28 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// The development JWT secret used when `INKWIRE_JWT_SECRET` is not set. Fine for `inkwire dev`
-/// and tests; `Config::from_env` refuses it when `INKWIRE_ENV=production`.
+use crate::origins::AllowedOrigins;
+
+/// How far ahead of the server's clock a client's event time may be (`INKWIRE_MAX_CLOCK_SKEW`).
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// The development JWT secret used when `INKWIRE_JWT_SECRET` is not set. Anyone can read it
+/// here, so it is only for `inkwire dev` and tests: `Config::from_env` refuses it when
+/// `INKWIRE_ENV=production` (even when set explicitly), and the serving processes refuse it
+/// unless `INKWIRE_ENV=development` ([`Config::check_serving_secret`]).
 pub const DEV_JWT_SECRET: &str = "inkwire-dev-secret-change-me";
+
+/// `INKWIRE_ENV`: what kind of deployment this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Environment {
+    /// Not said. Serving refuses the development secret, as in production.
+    #[default]
+    Unspecified,
+    /// `development`: the development secret is allowed (`inkwire dev` sets this).
+    Development,
+    /// `production`: the development secret is refused everywhere.
+    Production,
+}
 
 /// Everything a function needs to start.
 #[derive(Clone)]
@@ -19,6 +38,8 @@ pub struct Config {
     pub redis_url: String,
     pub http_addr: SocketAddr,
     pub jwt_secret: String,
+    /// `INKWIRE_ENV`.
+    pub environment: Environment,
     /// How long events stay in the per-category streams.
     pub event_retention: Duration,
     /// The JetStream duplicate window used for `Nats-Msg-Id` dedupe.
@@ -35,6 +56,18 @@ pub struct Config {
     pub relay_retention: Duration,
     /// How many messages per channel the RELAY stream keeps.
     pub relay_history_per_channel: i64,
+    /// Browser origins allowed besides the server's own (`INKWIRE_ALLOWED_ORIGINS`): CORS and
+    /// WebSocket upgrades.
+    pub allowed_origins: AllowedOrigins,
+    /// How far ahead of the server's clock an event's `timestamp` may be.
+    pub max_clock_skew: Duration,
+    /// How far behind the server's clock an event's `timestamp` may be.
+    pub max_event_age: Duration,
+    /// How long a JetStream publish waits for the stream's ack (and the bound of every other
+    /// JetStream API request). Past it the answer is `503 outcome_unknown`.
+    pub publish_timeout: Duration,
+    /// How long the first answer to a request with an `Idempotency-Key` is kept.
+    pub idempotency_ttl: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -44,6 +77,7 @@ impl fmt::Debug for Config {
             .field("redis_url", &redact_url(&self.redis_url))
             .field("http_addr", &self.http_addr)
             .field("jwt_secret", &"<redacted>")
+            .field("environment", &self.environment)
             .field("event_retention", &self.event_retention)
             .field("duplicate_window", &self.duplicate_window)
             .field("replicas", &self.replicas)
@@ -52,6 +86,11 @@ impl fmt::Debug for Config {
             .field("publish_window", &self.publish_window)
             .field("relay_retention", &self.relay_retention)
             .field("relay_history_per_channel", &self.relay_history_per_channel)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("max_clock_skew", &self.max_clock_skew)
+            .field("max_event_age", &self.max_event_age)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("idempotency_ttl", &self.idempotency_ttl)
             .finish()
     }
 }
@@ -81,6 +120,7 @@ impl Default for Config {
             redis_url: "redis://127.0.0.1:6379".into(),
             http_addr: "127.0.0.1:8080".parse().expect("literal address"),
             jwt_secret: DEV_JWT_SECRET.into(),
+            environment: Environment::Unspecified,
             event_retention: Duration::from_secs(30 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
@@ -89,6 +129,11 @@ impl Default for Config {
             publish_window: 256,
             relay_retention: Duration::from_secs(600),
             relay_history_per_channel: 1000,
+            allowed_origins: AllowedOrigins::default(),
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+            max_event_age: Duration::from_secs(24 * 3600),
+            publish_timeout: Duration::from_secs(5),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -114,6 +159,18 @@ impl Config {
                 problem: format!("{e} (expected host:port)"),
             })?;
         }
+        if let Some(v) = get("INKWIRE_ENV") {
+            c.environment = match v.trim() {
+                "development" => Environment::Development,
+                "production" => Environment::Production,
+                other => {
+                    return Err(ConfigError {
+                        name: "INKWIRE_ENV",
+                        problem: format!("{other:?} is neither \"development\" nor \"production\""),
+                    });
+                }
+            };
+        }
         if let Some(v) = get("INKWIRE_JWT_SECRET") {
             if v.len() < 16 {
                 return Err(ConfigError {
@@ -122,10 +179,13 @@ impl Config {
                 });
             }
             c.jwt_secret = v;
-        } else if get("INKWIRE_ENV").as_deref() == Some("production") {
+        }
+        if c.environment == Environment::Production && c.uses_dev_secret() {
             return Err(ConfigError {
                 name: "INKWIRE_JWT_SECRET",
-                problem: "must be set when INKWIRE_ENV=production".into(),
+                problem: "must be set, to a secret other than the built-in development one, \
+                          when INKWIRE_ENV=production"
+                    .into(),
             });
         }
         if let Some(v) = get("INKWIRE_EVENT_RETENTION") {
@@ -184,6 +244,55 @@ impl Config {
                     problem,
                 })? as i64;
         }
+        if let Some(v) = get("INKWIRE_ALLOWED_ORIGINS") {
+            c.allowed_origins = AllowedOrigins::parse(&v).map_err(|problem| ConfigError {
+                name: "INKWIRE_ALLOWED_ORIGINS",
+                problem,
+            })?;
+        } else if get("INKWIRE_ENV").as_deref() == Some("development") {
+            // Pages of local development servers, whatever port they picked.
+            c.allowed_origins = AllowedOrigins::local_development();
+        }
+        if let Some(v) = get("INKWIRE_MAX_CLOCK_SKEW") {
+            c.max_clock_skew = parse_duration(&v).map_err(|problem| ConfigError {
+                name: "INKWIRE_MAX_CLOCK_SKEW",
+                problem,
+            })?;
+        }
+        if let Some(v) = get("INKWIRE_MAX_EVENT_AGE") {
+            c.max_event_age = parse_duration(&v).map_err(|problem| ConfigError {
+                name: "INKWIRE_MAX_EVENT_AGE",
+                problem,
+            })?;
+        }
+        if let Some(v) = get("INKWIRE_PUBLISH_TIMEOUT") {
+            c.publish_timeout = parse_duration(&v)
+                .and_then(|d| {
+                    if d.is_zero() {
+                        Err(format!("{v:?} must be longer than zero"))
+                    } else {
+                        Ok(d)
+                    }
+                })
+                .map_err(|problem| ConfigError {
+                    name: "INKWIRE_PUBLISH_TIMEOUT",
+                    problem,
+                })?;
+        }
+        if let Some(v) = get("INKWIRE_IDEMPOTENCY_TTL") {
+            c.idempotency_ttl = parse_duration(&v)
+                .and_then(|d| {
+                    if d < Duration::from_secs(1) {
+                        Err(format!("{v:?} must be at least 1s"))
+                    } else {
+                        Ok(d)
+                    }
+                })
+                .map_err(|problem| ConfigError {
+                    name: "INKWIRE_IDEMPOTENCY_TTL",
+                    problem,
+                })?;
+        }
         if c.duplicate_window > c.event_retention {
             return Err(ConfigError {
                 name: "INKWIRE_DUPLICATE_WINDOW",
@@ -191,6 +300,29 @@ impl Config {
             });
         }
         Ok(c)
+    }
+}
+
+impl Config {
+    /// Is the JWT secret the built-in development one (set or defaulted)?
+    pub fn uses_dev_secret(&self) -> bool {
+        self.jwt_secret == DEV_JWT_SECRET
+    }
+
+    /// The rule for processes that serve clients (`inkwire serve` and every function
+    /// binary): the built-in development secret, which anyone can read in the source, signs
+    /// tokens only when `INKWIRE_ENV=development` says so explicitly.
+    pub fn check_serving_secret(&self) -> Result<(), ConfigError> {
+        if !self.uses_dev_secret() || self.environment == Environment::Development {
+            return Ok(());
+        }
+        Err(ConfigError {
+            name: "INKWIRE_JWT_SECRET",
+            problem: "is unset or the built-in development secret, which anyone can read; set a \
+                      secret of your own (at least 16 bytes), or INKWIRE_ENV=development on a \
+                      laptop"
+                .into(),
+        })
     }
 }
 
@@ -267,6 +399,78 @@ mod tests {
         assert_eq!(e.name, "INKWIRE_JWT_SECRET");
         let e = with(&[("INKWIRE_ENV", "production")]).unwrap_err();
         assert_eq!(e.name, "INKWIRE_JWT_SECRET");
+        let e = with(&[("INKWIRE_PUBLISH_TIMEOUT", "0s")]).unwrap_err();
+        assert_eq!(e.name, "INKWIRE_PUBLISH_TIMEOUT");
+        let e = with(&[("INKWIRE_IDEMPOTENCY_TTL", "5")]).unwrap_err();
+        assert_eq!(e.name, "INKWIRE_IDEMPOTENCY_TTL");
+        let c = with(&[
+            ("INKWIRE_PUBLISH_TIMEOUT", "1500ms"),
+            ("INKWIRE_IDEMPOTENCY_TTL", "2h"),
+        ])
+        .unwrap();
+        assert_eq!(c.publish_timeout, Duration::from_millis(1500));
+        assert_eq!(c.idempotency_ttl, Duration::from_secs(7200));
+        let e = with(&[(
+            "INKWIRE_ALLOWED_ORIGINS",
+            "https://ok.example, https://bad/path",
+        )])
+        .unwrap_err();
+        assert_eq!(e.name, "INKWIRE_ALLOWED_ORIGINS");
+    }
+
+    #[test]
+    fn allowed_origins() {
+        assert!(with(&[]).unwrap().allowed_origins.is_empty());
+        let c = with(&[("INKWIRE_ENV", "development")]).unwrap();
+        assert!(c.allowed_origins.allows("http://localhost:5173"));
+        let c = with(&[("INKWIRE_ALLOWED_ORIGINS", "https://app.example.com")]).unwrap();
+        assert!(c.allowed_origins.allows("https://app.example.com"));
+        assert!(!c.allowed_origins.allows("http://localhost:5173"));
+    }
+
+    #[test]
+    fn the_development_secret_needs_development_explicitly() {
+        // Unset: configuration loads (tools such as `inkwire token` work), serving refuses.
+        let c = with(&[]).unwrap();
+        assert!(c.uses_dev_secret());
+        assert_eq!(
+            c.check_serving_secret().unwrap_err().name,
+            "INKWIRE_JWT_SECRET"
+        );
+        // Set explicitly to the development secret: the same.
+        let c = with(&[("INKWIRE_JWT_SECRET", DEV_JWT_SECRET)]).unwrap();
+        assert!(c.check_serving_secret().is_err());
+        // Development says so: allowed.
+        let c = with(&[("INKWIRE_ENV", "development")]).unwrap();
+        assert_eq!(c.environment, Environment::Development);
+        c.check_serving_secret().unwrap();
+        // Production refuses it, defaulted or explicit.
+        for vars in [
+            vec![("INKWIRE_ENV", "production")],
+            vec![
+                ("INKWIRE_ENV", "production"),
+                ("INKWIRE_JWT_SECRET", DEV_JWT_SECRET),
+            ],
+        ] {
+            let e = with(&vars).unwrap_err();
+            assert_eq!(e.name, "INKWIRE_JWT_SECRET", "{vars:?}");
+        }
+        // A real secret serves anywhere.
+        for env in ["production", "development"] {
+            let c = with(&[
+                ("INKWIRE_ENV", env),
+                ("INKWIRE_JWT_SECRET", "a-real-secret-of-32-characters!!"),
+            ])
+            .unwrap();
+            c.check_serving_secret().unwrap();
+        }
+        let c = with(&[("INKWIRE_JWT_SECRET", "a-real-secret-of-32-characters!!")]).unwrap();
+        c.check_serving_secret().unwrap();
+        // Unknown environments are a typo, not a silent "not development".
+        assert_eq!(
+            with(&[("INKWIRE_ENV", "prod")]).unwrap_err().name,
+            "INKWIRE_ENV"
+        );
     }
 
     #[test]

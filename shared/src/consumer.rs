@@ -3,7 +3,8 @@
 //! - bounded pulls (a small batch per pull request) so `ack_wait` clocks do not start on
 //!   many messages that will wait long in a local buffer;
 //! - explicit ack after the handler succeeds;
-//! - a retryable failure is nak'ed with the next backoff delay; a permanent failure, or a
+//! - a retryable failure is nak'ed with the next backoff delay (spread by [`Jitter`] when the
+//!   spec asks for it); a permanent failure, or a
 //!   retryable one on the last allowed delivery, is copied to `dlq.<subject>` with the reason
 //!   and then terminated, so nothing is dropped silently;
 //! - the server's max-deliveries advisory is watched too, so a message whose last delivery
@@ -51,6 +52,55 @@ pub struct ConsumerSpec {
     /// Unacknowledged messages the server lets this consumer have; by default four batches.
     /// A write-behind worker holds a whole flush's worth.
     pub max_ack_pending: Option<i64>,
+    /// How the backoff delays are spread (none by default: the delays as listed).
+    pub jitter: Jitter,
+}
+
+/// Randomisation of retry delays, so that messages that failed together (a provider that was
+/// down for all of them) do not come back together and knock it over again.
+///
+/// With `d` the listed backoff delay:
+/// - [`Jitter::None`]: exactly `d`;
+/// - [`Jitter::Full`]: uniformly in `[0, d]` — the widest spread, but a retry may come at once;
+/// - [`Jitter::Equal`]: uniformly in `[d/2, d]` — half the spread, and never sooner than half
+///   the delay, so a peer that is down still gets a rest between attempts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Jitter {
+    #[default]
+    None,
+    Full,
+    Equal,
+}
+
+impl Jitter {
+    /// `none`, `full` or `equal`.
+    pub fn parse(s: &str) -> Option<Jitter> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" => Some(Jitter::None),
+            "full" => Some(Jitter::Full),
+            "equal" => Some(Jitter::Equal),
+            _ => None,
+        }
+    }
+
+    /// `delay` spread by this jitter, `unit` a number in `[0, 1]` (the random draw).
+    pub fn apply(self, delay: Duration, unit: f64) -> Duration {
+        let unit = unit.clamp(0.0, 1.0);
+        match self {
+            Jitter::None => delay,
+            Jitter::Full => delay.mul_f64(unit),
+            Jitter::Equal => delay / 2 + (delay / 2).mul_f64(unit),
+        }
+    }
+}
+
+/// A uniform draw in `[0, 1]` from the operating system's generator (through a v4 UUID's
+/// random bits, to need no other crate). Retry delays need spread, not cryptography. The
+/// lowest 53 bits are all random (a v4 UUID's fixed version and variant bits are above them).
+fn random_unit() -> f64 {
+    const MASK: u128 = (1 << 53) - 1;
+    let bits = uuid::Uuid::new_v4().as_u128() & MASK;
+    bits as f64 / MASK as f64
 }
 
 impl ConsumerSpec {
@@ -73,6 +123,7 @@ impl ConsumerSpec {
             fetch_expires: Duration::from_secs(1),
             deliver_policy: DeliverPolicy::All,
             max_ack_pending: None,
+            jitter: Jitter::None,
         }
     }
 
@@ -81,13 +132,24 @@ impl ConsumerSpec {
         self
     }
 
-    fn delay_after(&self, deliveries: i64) -> Duration {
+    /// The listed delay before the delivery after `deliveries` (no jitter).
+    pub fn base_delay_after(&self, deliveries: i64) -> Duration {
         let i = (deliveries.max(1) - 1) as usize;
         self.backoff
             .get(i)
             .or(self.backoff.last())
             .copied()
             .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// The delay before the delivery after `deliveries`: the listed one, spread by
+    /// [`ConsumerSpec::jitter`].
+    pub fn delay_after(&self, deliveries: i64) -> Duration {
+        let base = self.base_delay_after(deliveries);
+        match self.jitter {
+            Jitter::None => base,
+            jitter => jitter.apply(base, random_unit()),
+        }
     }
 
     fn consumer_config(&self) -> pull::Config {
@@ -115,6 +177,9 @@ pub struct Delivery {
     pub stream_sequence: u64,
     /// 1 on the first delivery.
     pub deliveries: i64,
+    /// When JetStream stored the message (`None` when not known, e.g. a message built in a
+    /// test). A consumer that keeps time-based state uses it to check a client's clock.
+    pub published: Option<time::OffsetDateTime>,
 }
 
 /// How a handler failed.
@@ -134,6 +199,14 @@ pub struct RunStats {
     pub acked: u64,
     pub retried: u64,
     pub dead_lettered: u64,
+}
+
+impl RunStats {
+    fn add(&mut self, other: &RunStats) {
+        self.acked += other.acked;
+        self.retried += other.retried;
+        self.dead_lettered += other.dead_lettered;
+    }
 }
 
 /// Triggers a graceful stop of runners and servers.
@@ -219,6 +292,86 @@ where
             continue;
         };
         handle_one(&js, &spec, &handler, msg, &mut stats).await;
+    }
+    release_buffered(&mut messages).await;
+    advisories.abort();
+    Ok(stats)
+}
+
+/// Like [`run`], with up to `concurrency` messages handled at once (each acked, retried or
+/// dead-lettered on its own as it finishes). Messages on the same subject are handled one
+/// after another, in stream order; messages on different subjects overlap. For handlers
+/// whose per-subject order matters (one recipient's notifications) but whose subjects are
+/// independent, so that the round trips of many subjects overlap.
+pub async fn run_concurrent<H, F>(
+    js: Context,
+    spec: ConsumerSpec,
+    handler: H,
+    concurrency: usize,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<RunStats>
+where
+    H: Fn(Delivery) -> F,
+    F: Future<Output = Result<(), HandlerError>>,
+{
+    use futures::stream::FuturesUnordered;
+    use std::collections::{HashMap, VecDeque};
+    let concurrency = concurrency.max(1);
+    let (mut messages, advisories) = open(&js, &spec).await?;
+    let mut stats = RunStats::default();
+    let mut in_flight = FuturesUnordered::new();
+    // Subjects being handled, with the messages that arrived behind the one in flight.
+    let mut waiting: HashMap<String, VecDeque<Message>> = HashMap::new();
+    // Messages taken from the stream and not settled yet (in flight or waiting).
+    let mut held = 0usize;
+    let handle = |msg: Message| {
+        let (js, spec, handler) = (&js, &spec, &handler);
+        async move {
+            let subject = msg.subject.to_string();
+            let mut one = RunStats::default();
+            handle_one(js, spec, handler, msg, &mut one).await;
+            (subject, one)
+        }
+    };
+    let mut stopping = false;
+    while !stopping || !in_flight.is_empty() {
+        tokio::select! {
+            biased;
+            Some((subject, one)) = in_flight.next(), if !in_flight.is_empty() => {
+                stats.add(&one);
+                held -= 1;
+                let next = waiting.get_mut(&subject).and_then(VecDeque::pop_front);
+                match next {
+                    Some(msg) => in_flight.push(handle(msg)),
+                    None => {
+                        waiting.remove(&subject);
+                    }
+                }
+            }
+            n = messages.next(), if !stopping && held < concurrency => {
+                if let Some(msg) = first_message(&spec, n)? {
+                    held += 1;
+                    match waiting.get_mut(msg.subject.as_str()) {
+                        Some(queue) => queue.push_back(msg),
+                        None => {
+                            waiting.insert(msg.subject.to_string(), VecDeque::new());
+                            in_flight.push(handle(msg));
+                        }
+                    }
+                }
+            }
+            _ = shutdown.wait(), if !stopping => {
+                // Graceful: what is being handled finishes and is settled; messages waiting
+                // behind it are released with the rest of the buffer.
+                stopping = true;
+                for queue in waiting.values_mut() {
+                    for msg in queue.drain(..) {
+                        held -= 1;
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    }
+                }
+            }
+        }
     }
     release_buffered(&mut messages).await;
     advisories.abort();
@@ -548,6 +701,7 @@ async fn delivery_of(msg: &Message) -> Option<Delivery> {
             payload: msg.payload.clone(),
             stream_sequence: info.stream_sequence,
             deliveries: info.delivered,
+            published: Some(info.published),
         }),
         Err(e) => {
             tracing::warn!(error = %e, "message without JetStream metadata; terminating");
@@ -711,5 +865,55 @@ mod tests {
         assert_eq!(s.delay_after(1), Duration::from_millis(10));
         assert_eq!(s.delay_after(2), Duration::from_millis(20));
         assert_eq!(s.delay_after(7), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn jitter_bounds() {
+        let d = Duration::from_secs(10);
+        assert_eq!(Jitter::None.apply(d, 0.3), d);
+        assert_eq!(Jitter::Full.apply(d, 0.0), Duration::ZERO);
+        assert_eq!(Jitter::Full.apply(d, 1.0), d);
+        assert_eq!(Jitter::Equal.apply(d, 0.0), Duration::from_secs(5));
+        assert_eq!(Jitter::Equal.apply(d, 1.0), d);
+        // Out-of-range draws are clamped, never beyond the listed delay.
+        assert_eq!(Jitter::Full.apply(d, 7.0), d);
+        assert_eq!(Jitter::Equal.apply(d, -1.0), Duration::from_secs(5));
+        assert_eq!(Jitter::parse(" Equal "), Some(Jitter::Equal));
+        assert_eq!(Jitter::parse("half"), None);
+    }
+
+    #[test]
+    fn jittered_delays_stay_within_their_bounds_and_spread() {
+        let mut s = ConsumerSpec::new("S", "d");
+        s.backoff = vec![Duration::from_secs(2), Duration::from_secs(60)];
+        for (jitter, low_fraction) in [(Jitter::Full, 0.0), (Jitter::Equal, 0.5)] {
+            s.jitter = jitter;
+            for deliveries in [1, 2, 9] {
+                let base = s.base_delay_after(deliveries);
+                let low = base.mul_f64(low_fraction);
+                let draws: Vec<Duration> = (0..500).map(|_| s.delay_after(deliveries)).collect();
+                for d in &draws {
+                    assert!(
+                        *d >= low && *d <= base,
+                        "{jitter:?}: {d:?} outside {low:?}..={base:?}"
+                    );
+                }
+                let distinct: std::collections::HashSet<_> = draws.iter().collect();
+                assert!(distinct.len() > 400, "{jitter:?}: draws do not spread");
+                // Both halves of the range are reached.
+                let mid = low + (base - low) / 2;
+                assert!(draws.iter().any(|d| *d < mid) && draws.iter().any(|d| *d > mid));
+            }
+        }
+        s.jitter = Jitter::None;
+        assert_eq!(s.delay_after(2), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn random_units_are_in_range() {
+        for _ in 0..1000 {
+            let u = random_unit();
+            assert!((0.0..=1.0).contains(&u), "{u}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! The event envelope, the six categories and their event types, and builders.
+//! The event envelope, the seven categories and their event types, and builders.
 //!
 //! Every event that enters inkwire has the same envelope (SPEC §1); its `data` is checked
 //! against the schema of its category and type (see `schema`). This module holds the typed
@@ -19,16 +19,19 @@ pub enum Category {
     Analytics,
     Automation,
     System,
+    /// Notifications accepted, delivered and failed (issue 9).
+    Notification,
 }
 
 impl Category {
-    pub const ALL: [Category; 6] = [
+    pub const ALL: [Category; 7] = [
         Category::Writing,
         Category::Collaboration,
         Category::Publishing,
         Category::Analytics,
         Category::Automation,
         Category::System,
+        Category::Notification,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +42,7 @@ impl Category {
             Category::Analytics => "analytics",
             Category::Automation => "automation",
             Category::System => "system",
+            Category::Notification => "notification",
         }
     }
 
@@ -78,6 +82,11 @@ impl Category {
                 "workflow_failed",
             ],
             Category::System => &["service_started", "service_stopped"],
+            Category::Notification => &[
+                "notification_created",
+                "notification_delivered",
+                "notification_failed",
+            ],
         }
     }
 
@@ -227,12 +236,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn twenty_eight_types_unique_across_categories() {
+    fn thirty_one_types_unique_across_categories() {
         let all: Vec<&str> = Category::ALL
             .iter()
             .flat_map(|c| c.event_types().iter().copied())
             .collect();
-        assert_eq!(all.len(), 28);
+        assert_eq!(all.len(), 31);
         let mut dedup = all.clone();
         dedup.sort();
         dedup.dedup();

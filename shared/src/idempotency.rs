@@ -66,6 +66,8 @@ local current = tonumber(redis.call('HGET', hwm, key) or '0')
 if seq > current then redis.call('HSET', hwm, key, ARGV[2]) end
 return 1
 "#;
+static APPLY_ONCE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(APPLY_ONCE));
 
 /// Applies `writes` for the message at stream sequence `seq` of `key`, unless it was applied
 /// already. Returns whether the writes were applied.
@@ -82,7 +84,7 @@ pub async fn apply_once(
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let commands = serde_json::to_string(&writes.commands).expect("strings serialize");
-    let applied: i64 = redis::Script::new(APPLY_ONCE)
+    let applied: i64 = APPLY_ONCE_SCRIPT
         .key(format!("inkwire:applied:{consumer}:{key}"))
         .key(format!("inkwire:hwm:{consumer}"))
         .arg(key)

@@ -36,6 +36,14 @@ pub enum Persistence {
     Scratch,
 }
 
+/// Settings of the started `nats-server` beyond its defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// The largest message the server accepts (`max_payload`, 1 MiB by default); tests
+    /// lower it to reach the limit with schema-valid events.
+    pub max_payload: Option<usize>,
+}
+
 /// Running child servers; killed when dropped, stopped gracefully by [`LocalServers::stop`].
 pub struct LocalServers {
     pub nats_url: String,
@@ -49,6 +57,15 @@ impl LocalServers {
     /// Starts both servers with their data under `data_dir` and waits until they accept
     /// connections.
     pub async fn start(data_dir: &Path, persistence: Persistence) -> anyhow::Result<LocalServers> {
+        Self::start_with(data_dir, persistence, &NatsOptions::default()).await
+    }
+
+    /// [`LocalServers::start`] with `nats-server` settings.
+    pub async fn start_with(
+        data_dir: &Path,
+        persistence: Persistence,
+        nats_options: &NatsOptions,
+    ) -> anyhow::Result<LocalServers> {
         let nats_bin = find_binary("nats-server").ok_or_else(|| missing("nats-server"))?;
         let redis_bin = find_binary("redis-server").ok_or_else(|| missing("redis-server"))?;
         let nats_dir = data_dir.join("nats");
@@ -58,7 +75,14 @@ impl LocalServers {
 
         let nats_port = free_port()?;
         let nats_log = std::fs::File::create(data_dir.join("nats-server.log"))?;
-        let nats = Command::new(&nats_bin)
+        let mut nats_cmd = Command::new(&nats_bin);
+        if let Some(max) = nats_options.max_payload {
+            // Only a configuration file can set max_payload; the flags below still apply.
+            let conf = data_dir.join("nats-server.conf");
+            std::fs::write(&conf, format!("max_payload: {max}\n"))?;
+            nats_cmd.arg("-c").arg(conf);
+        }
+        let nats = nats_cmd
             .args([
                 "-a",
                 "127.0.0.1",
@@ -135,6 +159,17 @@ impl LocalServers {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The process id of `nats-server` (tests stop and continue it to fake a server that
+    /// takes a message but never acknowledges it).
+    pub fn nats_pid(&self) -> Option<u32> {
+        self.nats.id()
+    }
+
+    /// The process id of redis-server.
+    pub fn redis_pid(&self) -> Option<u32> {
+        self.redis.id()
     }
 
     /// Asks both servers to stop (SIGTERM), waiting up to five seconds before killing them.

@@ -2,7 +2,14 @@
 //!
 //! A project's members are one hash (`inkwire:project:{p}:members`, user → role); a user's
 //! projects one set (`inkwire:user:{u}:projects`), kept in step so the relay can list a user's
-//! channels. A document belongs to exactly one project (`inkwire:document:{d}:project`).
+//! channels. A document belongs to exactly one project (`inkwire:document:{d}:project`); a
+//! project's documents are one set (`inkwire:project:{p}:documents`) and their titles one hash
+//! (`inkwire:project:{p}:titles`, document → title).
+//!
+//! A project exists while it has members, and it always has an owner: the first member must be
+//! an owner, the last owner can be neither removed nor demoted, and documents can only be
+//! registered in a project that exists. Every such rule is decided inside one Lua script, so
+//! concurrent changes cannot slip between a check and a write.
 
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -64,6 +71,9 @@ fn document_key(document: &str) -> String {
 fn project_documents_key(project: &str) -> String {
     format!("inkwire:project:{project}:documents")
 }
+fn project_titles_key(project: &str) -> String {
+    format!("inkwire:project:{project}:titles")
+}
 
 /// The role of `user` in `project`, if any.
 pub async fn role_of(
@@ -105,21 +115,29 @@ pub enum MembershipChange {
     LastOwner,
     /// Removal of someone who was not a member.
     NotMember,
+    /// Refused: a project without an owner (one that does not exist yet) gets an owner first.
+    NeedsOwner,
 }
 
 /// Sets (`Some(role)`) or removes (`None`) a member, atomically refusing any change that would
-/// leave a project that has owners without one.
+/// leave a project without an owner: demoting or removing its last owner, or adding a
+/// non-owner to a project that has none (which is how a project would otherwise be created
+/// ownerless). Removing a non-owner is always allowed.
 const SET_MEMBER: &str = r#"
 local members, projects = KEYS[1], KEYS[2]
 local user, role = ARGV[1], ARGV[2]
 local current = redis.call('HGET', members, user)
 if role == '' and not current then return 'not_member' end
-if current == 'owner' and role ~= 'owner' then
+if role ~= 'owner' then
   local owners = 0
   for _, r in ipairs(redis.call('HVALS', members)) do
     if r == 'owner' then owners = owners + 1 end
   end
-  if owners <= 1 then return 'last_owner' end
+  if current == 'owner' then
+    if owners <= 1 then return 'last_owner' end
+  elseif role ~= '' and owners == 0 then
+    return 'needs_owner'
+  end
 end
 if role == '' then
   redis.call('HDEL', members, user)
@@ -130,6 +148,8 @@ else
 end
 return 'ok'
 "#;
+static SET_MEMBER_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SET_MEMBER));
 
 pub async fn set_member(
     redis: &mut ConnectionManager,
@@ -137,7 +157,7 @@ pub async fn set_member(
     user: &str,
     role: Option<ProjectRole>,
 ) -> redis::RedisResult<MembershipChange> {
-    let outcome: String = redis::Script::new(SET_MEMBER)
+    let outcome: String = SET_MEMBER_SCRIPT
         .key(members_key(project))
         .key(user_projects_key(user))
         .arg(user)
@@ -148,6 +168,7 @@ pub async fn set_member(
     Ok(match outcome.as_str() {
         "last_owner" => MembershipChange::LastOwner,
         "not_member" => MembershipChange::NotMember,
+        "needs_owner" => MembershipChange::NeedsOwner,
         _ => MembershipChange::Applied,
     })
 }
@@ -160,29 +181,189 @@ pub async fn project_of_document(
     redis.get(document_key(document)).await
 }
 
-/// Registers `document` in `project`. Returns the project it already belonged to if that is a
-/// different one (documents never move silently).
-const REGISTER_DOCUMENT: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if current and current ~= ARGV[1] then return current end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-return ''
-"#;
+/// Why a document was not registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocumentRefusal {
+    /// The project has no members: it does not exist.
+    ProjectNotFound,
+    /// The project has members but no owner (only data written before owners were enforced).
+    ProjectNeedsOwner,
+    /// The document is registered in this other project (documents never move silently).
+    InOtherProject(String),
+}
 
+/// Registers a document in a project that exists and has an owner; sets its title when one is
+/// given (an absent title keeps the stored one). Answers `ok` and the stored title (empty:
+/// none), or the refusal.
+const REGISTER_DOCUMENT: &str = r#"
+local document, documents, members, titles = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local project, id, title, set_title = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local roles = redis.call('HVALS', members)
+if #roles == 0 then return {'project_not_found', ''} end
+local owned = false
+for _, r in ipairs(roles) do
+  if r == 'owner' then owned = true break end
+end
+if not owned then return {'project_needs_owner', ''} end
+local current = redis.call('GET', document)
+if current and current ~= project then return {'other', current} end
+redis.call('SET', document, project)
+redis.call('SADD', documents, id)
+if set_title == '1' then redis.call('HSET', titles, id, title) end
+return {'ok', redis.call('HGET', titles, id) or ''}
+"#;
+static REGISTER_DOCUMENT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REGISTER_DOCUMENT));
+
+/// Registers `document` in `project` without touching its title.
 pub async fn register_document(
     redis: &mut ConnectionManager,
     project: &str,
     document: &str,
-) -> redis::RedisResult<Result<(), String>> {
-    let other: String = redis::Script::new(REGISTER_DOCUMENT)
+) -> redis::RedisResult<Result<(), DocumentRefusal>> {
+    Ok(register_document_titled(redis, project, document, None)
+        .await?
+        .map(|_| ()))
+}
+
+/// Registers `document` in `project`, storing `title` when given. Returns the stored title.
+pub async fn register_document_titled(
+    redis: &mut ConnectionManager,
+    project: &str,
+    document: &str,
+    title: Option<&str>,
+) -> redis::RedisResult<Result<Option<String>, DocumentRefusal>> {
+    let (outcome, value): (String, String) = REGISTER_DOCUMENT_SCRIPT
         .key(document_key(document))
         .key(project_documents_key(project))
+        .key(members_key(project))
+        .key(project_titles_key(project))
+        .arg(project)
+        .arg(document)
+        .arg(title.unwrap_or(""))
+        .arg(if title.is_some() { "1" } else { "0" })
+        .invoke_async(redis)
+        .await?;
+    Ok(match outcome.as_str() {
+        "ok" => Ok((!value.is_empty()).then_some(value)),
+        "project_not_found" => Err(DocumentRefusal::ProjectNotFound),
+        "project_needs_owner" => Err(DocumentRefusal::ProjectNeedsOwner),
+        _ => Err(DocumentRefusal::InOtherProject(value)),
+    })
+}
+
+/// Removes `document` from `project` (its registration and title). `false` when it was not
+/// registered there.
+const UNREGISTER_DOCUMENT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return 1
+"#;
+static UNREGISTER_DOCUMENT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(UNREGISTER_DOCUMENT));
+
+pub async fn unregister_document(
+    redis: &mut ConnectionManager,
+    project: &str,
+    document: &str,
+) -> redis::RedisResult<bool> {
+    let removed: i64 = UNREGISTER_DOCUMENT_SCRIPT
+        .key(document_key(document))
+        .key(project_documents_key(project))
+        .key(project_titles_key(project))
         .arg(project)
         .arg(document)
         .invoke_async(redis)
         .await?;
-    Ok(if other.is_empty() { Ok(()) } else { Err(other) })
+    Ok(removed == 1)
+}
+
+/// The projects `user` belongs to with their role there, sorted by project id. Set entries
+/// whose membership is gone are skipped.
+pub async fn projects_with_roles(
+    redis: &mut ConnectionManager,
+    user: &str,
+) -> redis::RedisResult<Vec<(String, ProjectRole)>> {
+    let mut projects = projects_of(redis, user).await?;
+    if projects.is_empty() {
+        return Ok(Vec::new());
+    }
+    projects.sort();
+    let mut pipe = redis::pipe();
+    for p in &projects {
+        pipe.hget(members_key(p), user);
+    }
+    let roles: Vec<Option<String>> = pipe.query_async(redis).await?;
+    Ok(projects
+        .into_iter()
+        .zip(roles)
+        .filter_map(|(p, r)| r.and_then(|r| r.parse().ok()).map(|r| (p, r)))
+        .collect())
+}
+
+/// Members (sorted by user id) and the number of documents of a project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectSummary {
+    pub members: Vec<(String, ProjectRole)>,
+    pub documents: u64,
+}
+
+/// The project's summary; `None` when it has no members (it does not exist).
+pub async fn project_summary(
+    redis: &mut ConnectionManager,
+    project: &str,
+) -> redis::RedisResult<Option<ProjectSummary>> {
+    let (all, documents): (Vec<(String, String)>, u64) = redis::pipe()
+        .hgetall(members_key(project))
+        .scard(project_documents_key(project))
+        .query_async(redis)
+        .await?;
+    if all.is_empty() {
+        return Ok(None);
+    }
+    let mut members: Vec<(String, ProjectRole)> = all
+        .into_iter()
+        .filter_map(|(u, r)| r.parse().ok().map(|r| (u, r)))
+        .collect();
+    members.sort();
+    Ok(Some(ProjectSummary { members, documents }))
+}
+
+/// The documents of `project` with their titles, sorted by document id.
+pub async fn documents(
+    redis: &mut ConnectionManager,
+    project: &str,
+) -> redis::RedisResult<Vec<(String, Option<String>)>> {
+    let (ids, titles): (Vec<String>, std::collections::HashMap<String, String>) = redis::pipe()
+        .smembers(project_documents_key(project))
+        .hgetall(project_titles_key(project))
+        .query_async(redis)
+        .await?;
+    let mut out: Vec<(String, Option<String>)> = ids
+        .into_iter()
+        .map(|d| {
+            let title = titles.get(&d).cloned();
+            (d, title)
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// `Some(title)` when `document` is registered in `project` (the title itself is optional).
+pub async fn document_in_project(
+    redis: &mut ConnectionManager,
+    project: &str,
+    document: &str,
+) -> redis::RedisResult<Option<Option<String>>> {
+    let (owner, title): (Option<String>, Option<String>) = redis::pipe()
+        .get(document_key(document))
+        .hget(project_titles_key(project), document)
+        .query_async(redis)
+        .await?;
+    Ok((owner.as_deref() == Some(project)).then_some(title))
 }
 
 #[cfg(test)]

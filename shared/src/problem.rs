@@ -2,6 +2,10 @@
 //!
 //! Each problem has a stable `code` (also the last segment of `type`) that clients can match
 //! on, a human `detail`, and for validation failures the list of failing fields.
+//!
+//! Texts that may quote client input are clipped when sent (`detail` to [`MAX_DETAIL_CHARS`],
+//! each field error's `pointer` and `message` to [`MAX_TEXT_CHARS`]), and the lists to
+//! [`MAX_LISTED_ERRORS`] entries, so that an error body stays a few KB whatever was sent.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +15,60 @@ use crate::schema::FieldError;
 
 /// Base URI of problem types; `type` is `{PROBLEM_BASE}{code}`.
 pub const PROBLEM_BASE: &str = "https://inkwire.dev/problems/";
+
+/// Code of the 503 that says a write was sent but its outcome is unknown.
+pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
+
+/// Longest `detail` sent, in characters; longer ones are cut and end with `…`.
+pub const MAX_DETAIL_CHARS: usize = 400;
+/// Longest field error `pointer` or `message` sent, in characters.
+pub const MAX_TEXT_CHARS: usize = 200;
+/// Most field errors listed in one problem, counted over `errors` and every item of
+/// `invalidItems` together (the `detail` still says how many there were).
+pub const MAX_LISTED_ERRORS: usize = 10;
+
+/// `text` cut to at most `max` characters (the last one then being `…`), on a character
+/// boundary.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max.saturating_sub(1)) {
+        Some((cut, _)) if text[cut..].chars().nth(1).is_some() => {
+            format!("{}…", &text[..cut]).into()
+        }
+        _ => text.into(),
+    }
+}
+
+/// The items of a batch problem, within what is left of the error budget after `used`; at
+/// most three errors per item, so that several bad items are shown.
+fn clip_items(items: &[ItemErrors], used: usize) -> Vec<ItemErrors> {
+    let mut left = MAX_LISTED_ERRORS.saturating_sub(used);
+    let mut out = Vec::new();
+    for item in items {
+        if left == 0 {
+            break;
+        }
+        let errors = clip_errors(&item.errors[..item.errors.len().min(left).min(3)]);
+        left -= errors.len().max(1);
+        out.push(ItemErrors {
+            index: item.index,
+            errors,
+        });
+    }
+    out
+}
+
+fn clip_errors(errors: &[FieldError]) -> Vec<FieldError> {
+    errors
+        .iter()
+        .take(MAX_LISTED_ERRORS)
+        .map(|e| FieldError {
+            pointer: clip(&e.pointer, MAX_TEXT_CHARS).into_owned(),
+            rule: clip(&e.rule, MAX_TEXT_CHARS).into_owned(),
+            kind: e.kind.clone(),
+            message: clip(&e.message, MAX_TEXT_CHARS).into_owned(),
+        })
+        .collect()
+}
 
 /// One validation failure inside a batch: which item and which fields.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +85,10 @@ pub struct Problem {
     pub detail: String,
     pub errors: Vec<FieldError>,
     pub invalid_items: Vec<ItemErrors>,
+    /// Extension members (RFC 9457 §3.2) beside the standard ones, e.g. `retryId`.
+    pub extensions: serde_json::Map<String, serde_json::Value>,
+    /// Seconds for the `Retry-After` header, when the client should retry.
+    pub retry_after: Option<u16>,
 }
 
 /// The wire form (RFC 9457 members plus inkwire's extensions).
@@ -39,9 +101,11 @@ struct ProblemDocument<'a> {
     code: &'a str,
     detail: &'a str,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    errors: &'a [FieldError],
+    errors: Vec<FieldError>,
     #[serde(rename = "invalidItems", skip_serializing_if = "<[_]>::is_empty")]
-    invalid_items: &'a [ItemErrors],
+    invalid_items: Vec<ItemErrors>,
+    #[serde(flatten)]
+    extensions: &'a serde_json::Map<String, serde_json::Value>,
 }
 
 impl Problem {
@@ -52,7 +116,33 @@ impl Problem {
             detail: detail.into(),
             errors: Vec::new(),
             invalid_items: Vec::new(),
+            extensions: serde_json::Map::new(),
+            retry_after: None,
         }
+    }
+
+    /// Adds an extension member. Names of the standard members (`type`, `status`, …) are
+    /// ignored, so that an extension can never shadow or duplicate one.
+    pub fn with_extension(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
+        const RESERVED: [&str; 7] = [
+            "type",
+            "title",
+            "status",
+            "code",
+            "detail",
+            "errors",
+            "invalidItems",
+        ];
+        if !RESERVED.contains(&name) {
+            self.extensions.insert(name.to_string(), value.into());
+        }
+        self
+    }
+
+    /// Sets the `Retry-After` header (seconds).
+    pub fn with_retry_after(mut self, seconds: u16) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// The RFC 9457 document.
@@ -63,9 +153,10 @@ impl Problem {
             title: status.canonical_reason().unwrap_or("Error"),
             status: self.status,
             code: self.code,
-            detail: &self.detail,
-            errors: &self.errors,
-            invalid_items: &self.invalid_items,
+            detail: &clip(&self.detail, MAX_DETAIL_CHARS),
+            errors: clip_errors(&self.errors),
+            invalid_items: clip_items(&self.invalid_items, self.errors.len()),
+            extensions: &self.extensions,
         })
         .expect("problem serializes")
     }
@@ -118,6 +209,21 @@ impl Problem {
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
     }
+    /// 413: the request (or one message made from it) is larger than a limit.
+    pub fn payload_too_large(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", detail)
+    }
+    /// 503 after the write was sent but not acknowledged: it may or may not have taken
+    /// effect. `retry_id` is what to retry with (an `Idempotency-Key` or an event id) so that
+    /// the effect happens at most once.
+    pub fn outcome_unknown(detail: impl Into<String>, retry_id: Option<&str>) -> Self {
+        let p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown", detail)
+            .with_retry_after(1);
+        match retry_id {
+            Some(id) => p.with_extension("retryId", id),
+            None => p,
+        }
+    }
 }
 
 fn summarize(errors: &[FieldError]) -> String {
@@ -156,6 +262,10 @@ impl IntoResponse for Problem {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(seconds) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         res
     }
 }
@@ -164,4 +274,52 @@ impl IntoResponse for Problem {
 pub fn dependency_failed(what: &str, err: impl std::fmt::Display) -> Problem {
     tracing::error!(dependency = what, error = %err, "dependency call failed");
     Problem::unavailable(format!("{what} is unavailable; retry later"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_cuts_on_char_boundaries() {
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("abcd", 3), "ab…");
+        assert_eq!(clip("ééééé", 3), "éé…");
+        assert_eq!(clip("", 3), "");
+    }
+
+    #[test]
+    fn large_values_are_not_echoed() {
+        let huge = "x".repeat(100_000);
+        let errors = (0..50)
+            .map(|i| {
+                FieldError::new(
+                    format!("/{huge}/{i}"),
+                    "type",
+                    None,
+                    format!("{huge:?} is not of type \"integer\""),
+                )
+            })
+            .collect::<Vec<_>>();
+        let mut p = Problem::validation(errors.clone());
+        p.detail = huge.clone();
+        let text = p.to_json().to_string();
+        assert!(text.len() < 6 * 1024, "{} bytes", text.len());
+        let items = (0..1000)
+            .map(|index| ItemErrors {
+                index,
+                errors: errors.clone(),
+            })
+            .collect();
+        let doc = Problem::invalid_items(items).to_json();
+        let text = doc.to_string();
+        assert!(text.len() < 6 * 1024, "{} bytes", text.len());
+        assert_eq!(doc["invalidItems"].as_array().unwrap().len(), 4);
+        assert!(
+            doc["detail"]
+                .as_str()
+                .unwrap()
+                .starts_with("1000 item(s) invalid")
+        );
+    }
 }

@@ -6,12 +6,21 @@
 //! schema chosen by `category` and `type` (with pointers prefixed by `/data`). Keeping the
 //! steps apart avoids `$ref` resolution between files and lets the error for "a type that
 //! belongs to another category" be specific.
+//!
+//! The schemas and the consumers' types must agree: what validates here is applied by every
+//! consumer. Two rules close the gaps JSON Schema leaves open. A `date-time` must also parse
+//! with the parser the consumers use (the `time` crate's RFC 3339), which is stricter than
+//! the format check in places (a leap second on a day that has none); and numbers are
+//! canonicalized ([`canonicalize_numbers`]) before validation, because JSON Schema's
+//! `integer` accepts `12.0` and `1.2e1` while a typed parse into `u32` does not.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Number, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::events::Category;
 
@@ -34,6 +43,9 @@ schema_files!(
     "api/writing-start-request.json",
     "api/writing-keystroke-request.json",
     "api/writing-preferences-request.json",
+    "api/notification-send-request.json",
+    "api/notification-template.json",
+    "api/notification-device-request.json",
     "relay/client-subscribe.json",
     "relay/client-unsubscribe.json",
     "relay/client-ping.json",
@@ -71,6 +83,9 @@ schema_files!(
     "events/automation/workflow_failed.json",
     "events/system/service_started.json",
     "events/system/service_stopped.json",
+    "events/notification/notification_created.json",
+    "events/notification/notification_delivered.json",
+    "events/notification/notification_failed.json",
 );
 
 /// One reason an input was rejected.
@@ -124,6 +139,9 @@ pub fn kind_of(v: &Value) -> &'static str {
 /// All compiled schemas, keyed by path under `schemas/` (`events/writing/keystroke.json`).
 pub struct Schemas {
     validators: HashMap<&'static str, jsonschema::Validator>,
+    /// Per schema, JSON pointers of its `date-time` fields (checked with the consumers'
+    /// parser after the schema passes).
+    date_times: HashMap<&'static str, Vec<String>>,
 }
 
 /// The schemas, compiled on first use and shared by the whole process.
@@ -137,6 +155,7 @@ impl Schemas {
     /// whose `examples` do not validate against it.
     pub fn compile() -> Result<Schemas, String> {
         let mut validators = HashMap::new();
+        let mut date_times = HashMap::new();
         for (path, text) in SCHEMA_FILES {
             let schema: Value =
                 serde_json::from_str(text).map_err(|e| format!("{path}: not JSON: {e}"))?;
@@ -154,9 +173,15 @@ impl Schemas {
                     return Err(format!("{path}: example {i} is invalid: {e}"));
                 }
             }
+            let mut fields = Vec::new();
+            date_time_fields(&schema, String::new(), &mut fields);
+            date_times.insert(*path, fields);
             validators.insert(*path, validator);
         }
-        Ok(Schemas { validators })
+        Ok(Schemas {
+            validators,
+            date_times,
+        })
     }
 
     /// Validates `instance` against the schema at `path`.
@@ -168,11 +193,42 @@ impl Schemas {
         // The boolean check short-circuits and allocates nothing: most input is valid, and
         // collecting every error is only worth its cost when there are errors to report.
         if validator.is_valid(instance) {
-            return Ok(());
+            return self.check_date_times(path, instance);
         }
         let errors: Vec<FieldError> = validator
             .iter_errors(instance)
             .map(to_field_error)
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Checks that every `date-time` field of a schema-valid `instance` also parses with the
+    /// consumers' parser.
+    fn check_date_times(&self, path: &str, instance: &Value) -> Result<(), Vec<FieldError>> {
+        let errors: Vec<FieldError> = self
+            .date_times
+            .get(path)
+            .into_iter()
+            .flatten()
+            .filter_map(|pointer| {
+                let value = instance.pointer(pointer)?;
+                let text = value.as_str()?;
+                parse_date_time(text).err().map(|e| {
+                    FieldError::new(
+                        pointer.clone(),
+                        "format",
+                        Some(value),
+                        format!(
+                            "{text:?} is not a date-time inkwire can read ({e}); use RFC 3339, \
+                             e.g. 2026-11-21T10:00:00Z"
+                        ),
+                    )
+                })
+            })
             .collect();
         if errors.is_empty() {
             Ok(())
@@ -251,6 +307,57 @@ fn escape_pointer(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
 }
 
+/// Parses an RFC 3339 date-time exactly as the consumers do (`time::serde::rfc3339`).
+pub fn parse_date_time(text: &str) -> Result<OffsetDateTime, time::error::Parse> {
+    OffsetDateTime::parse(text, &Rfc3339)
+}
+
+/// Collects the pointers of the `date-time` fields of `schema` (through nested objects).
+fn date_time_fields(schema: &Value, at: String, out: &mut Vec<String>) {
+    if schema.get("format").and_then(Value::as_str) == Some("date-time") {
+        out.push(at.clone());
+    }
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        for (name, sub) in props {
+            date_time_fields(sub, format!("{at}/{}", escape_pointer(name)), out);
+        }
+    }
+}
+
+/// Rewrites every integral number written as a float (`12.0`, `1.2e1`, `-0`) as an integer.
+///
+/// JSON does not distinguish `12` from `12.0`, and JSON Schema's `integer` accepts both, but
+/// a typed consumer (`u32`) refuses a float. Doing this at the edge, before validation, means
+/// the stored event always spells integers as integers. Values beyond the 64-bit range stay
+/// floats (the schemas' `maximum`s refuse them where an integer is expected).
+pub fn canonicalize_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(int) = n.as_f64().and_then(integral) {
+                *n = int;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(canonicalize_numbers),
+        Value::Object(map) => map.values_mut().for_each(canonicalize_numbers),
+        _ => {}
+    }
+}
+
+/// The integer an integral float stands for, if it fits 64 bits.
+fn integral(f: f64) -> Option<Number> {
+    // 2^63 and 2^64 are exact in f64; the comparisons are exact too.
+    const I64_MIN: f64 = -9_223_372_036_854_775_808.0;
+    const U64_END: f64 = 18_446_744_073_709_551_616.0;
+    if !f.is_finite() || f.fract() != 0.0 || !(I64_MIN..U64_END).contains(&f) {
+        return None;
+    }
+    if f < 0.0 {
+        Some(Number::from(f as i64))
+    } else {
+        Some(Number::from(f as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,5 +434,70 @@ mod tests {
         assert_eq!(errs[0].pointer, "/colour");
         assert_eq!(errs[0].rule, "additionalProperties");
         assert_eq!(errs[0].kind, "integer");
+    }
+
+    #[test]
+    fn integral_floats_become_integers() {
+        let mut v: Value =
+            serde_json::from_str(r#"{"a": 12.0, "b": [1.2e1, -0, -3.0, 0.5], "c": 1e300, "d": 7}"#)
+                .unwrap();
+        canonicalize_numbers(&mut v);
+        assert_eq!(
+            v.to_string(),
+            r#"{"a":12,"b":[12,0,-3,0.5],"c":1e+300,"d":7}"#
+        );
+        let k = json!({"sessionId": "s", "keys": 12, "charsAdded": 1, "charsDeleted": 0});
+        assert!(
+            schemas()
+                .validate("events/writing/keystroke.json", &k)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_date_time_the_consumers_cannot_read_is_refused() {
+        let mut e = event(json!({"sessionId": "s", "words": 1}));
+        // The format check accepts a leap second on any day; `time` only on the last of a
+        // month (when one can happen).
+        e["timestamp"] = json!("2026-11-21T23:59:60Z");
+        let errs = schemas().validate_event(&e).unwrap_err();
+        assert_eq!(errs[0].pointer, "/timestamp");
+        assert_eq!(errs[0].rule, "format");
+        e["timestamp"] = json!("2026-11-21t10:00:00.5z");
+        assert!(schemas().validate_event(&e).is_ok());
+        let k = json!({"sessionId": "s", "keys": 1, "charsAdded": 1, "charsDeleted": 0,
+            "clientTimestamp": "2026-11-21T23:59:60+00:00"});
+        let errs = schemas()
+            .validate("events/writing/keystroke.json", &k)
+            .unwrap_err();
+        assert_eq!(errs[0].pointer, "/clientTimestamp");
+    }
+
+    /// Every integer a client sends is bounded, so that it fits what the consumers store
+    /// (the tracker's `u32` counters, JavaScript's exact integers).
+    #[test]
+    fn every_integer_field_has_a_maximum() {
+        fn walk(path: &str, at: &str, schema: &Value) {
+            if schema.get("type").and_then(Value::as_str) == Some("integer") {
+                let max = schema.get("maximum").and_then(Value::as_u64);
+                assert!(
+                    max.is_some_and(|m| m < (1 << 53)),
+                    "{path}{at}: integer without a maximum"
+                );
+            }
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (name, sub) in props {
+                    walk(path, &format!("{at}/{name}"), sub);
+                }
+            }
+            if let Some(items) = schema.get("items") {
+                walk(path, &format!("{at}/*"), items);
+            }
+        }
+        for (path, text) in SCHEMA_FILES {
+            if path.starts_with("events/") || path.starts_with("api/") || *path == "envelope.json" {
+                walk(path, "", &serde_json::from_str(text).unwrap());
+            }
+        }
     }
 }

@@ -18,17 +18,20 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// What every binary does first: tracing, configuration from the environment, and the
+    /// What every function binary does first: tracing, configuration from the environment
+    /// (refusing the development secret unless `INKWIRE_ENV=development`), and the
     /// connections (streams provisioned).
     pub async fn start_from_env(name: &str) -> anyhow::Result<AppState> {
         crate::telemetry::init();
-        AppState::connect(Config::from_env()?, name).await
+        let config = Config::from_env()?;
+        config.check_serving_secret()?;
+        AppState::connect(config, name).await
     }
 
     /// Connects to NATS and Redis and provisions the JetStream streams.
     pub async fn connect(config: Config, name: &str) -> anyhow::Result<AppState> {
         let nats = crate::jetstream::connect(&config.nats_url, name).await?;
-        let js = crate::jetstream::context(nats.clone());
+        let js = crate::jetstream::context_with_timeout(nats.clone(), config.publish_timeout);
         let report = crate::jetstream::provision(&js, &config).await?;
         for (stream, outcome) in report {
             tracing::debug!(%stream, ?outcome, "stream provisioned");

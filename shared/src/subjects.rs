@@ -2,7 +2,8 @@
 //!
 //! Domain events live in one stream per category (`EVENTS_WRITING` holds
 //! `events.writing.>`), dead letters in `DLQ` (`dlq.>`). The relay's `RELAY` stream
-//! (`rt.>`) is added by the relay issue.
+//! (`rt.>`) is added by the relay issue; notification jobs live in `NOTIFY` (`notify.>`);
+//! co-editing updates and snapshots in `YDOC` (`ydoc.>`).
 
 use crate::events::Category;
 
@@ -12,6 +13,18 @@ pub const EVENTS_PREFIX: &str = "events";
 pub const DLQ_STREAM: &str = "DLQ";
 /// Prefix of dead-letter subjects: `dlq.<original subject>`.
 pub const DLQ_PREFIX: &str = "dlq";
+/// Stream of notification jobs: sends (`notify.send.{userId}`) and deliveries
+/// (`notify.deliver.{channel}.{userId}`).
+pub const NOTIFY_STREAM: &str = "NOTIFY";
+/// Prefix of notification job subjects.
+pub const NOTIFY_PREFIX: &str = "notify";
+
+/// Stream of co-editing state (issue 10): Yjs updates (`ydoc.u.{documentId}`), snapshot
+/// chunks (`ydoc.c.{documentId}`) and snapshot heads (`ydoc.h.{documentId}`). Kept without an
+/// age limit: compaction, not expiry, bounds it.
+pub const YDOC_STREAM: &str = "YDOC";
+/// Prefix of the YDOC stream's subjects.
+pub const YDOC_PREFIX: &str = "ydoc";
 
 /// Headers set on dead-letter copies.
 pub mod dlq_headers {

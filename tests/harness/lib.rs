@@ -8,16 +8,22 @@ use inkwire_relay::RelayConfig;
 use inkwire_shared::auth::{Claims, GlobalRole, unix_now};
 use inkwire_shared::config::Config;
 use inkwire_shared::consumer::ShutdownTrigger;
+pub use inkwire_shared::local_servers::NatsOptions;
 use inkwire_shared::local_servers::{LocalServers, Persistence};
 use inkwire_shared::membership::{self, ProjectRole};
 use inkwire_shared::{AppState, http};
 
+pub mod peers;
 pub mod ws;
+pub mod yjs_peer;
 use reqwest::StatusCode;
 use serde_json::Value;
 pub use ws::{Ended, WsClient, ws_url};
 
 pub use serde_json::json;
+
+/// The owner [`TestEnv::add_member`] gives a project that has none yet.
+pub const HARNESS_OWNER: &str = "harness-owner";
 
 /// Real servers plus every function (events API, relay, router) on one address, for one
 /// test.
@@ -28,6 +34,7 @@ pub struct TestEnv {
     pub nats_url: String,
     pub redis_url: String,
     pub relay: inkwire_relay::Relay,
+    pub coedit: inkwire_collaboration::Coedit,
     pub shutdown: ShutdownTrigger,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     servers: Option<LocalServers>,
@@ -38,6 +45,7 @@ pub struct TestEnv {
 pub struct Instance {
     pub base: String,
     pub relay: inkwire_relay::Relay,
+    pub coedit: inkwire_collaboration::Coedit,
     pub shutdown: ShutdownTrigger,
 }
 
@@ -47,6 +55,7 @@ async fn serve_instance(
 ) -> (
     String,
     inkwire_relay::Relay,
+    inkwire_collaboration::Coedit,
     ShutdownTrigger,
     tokio::sync::oneshot::Sender<()>,
 ) {
@@ -60,10 +69,11 @@ async fn serve_instance(
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let relay = running.relay.clone();
+    let coedit = running.coedit.clone();
     tokio::spawn(http::serve_on(listener, running.router.clone(), async {
         let _ = rx.await;
     }));
-    (base, relay, trigger, tx)
+    (base, relay, coedit, trigger, tx)
 }
 
 impl TestEnv {
@@ -89,11 +99,22 @@ impl TestEnv {
         tweak: impl FnOnce(&mut Config),
         settings_tweak: impl FnOnce(&mut inkwire::Settings),
     ) -> TestEnv {
+        Self::start_nats_options(NatsOptions::default(), tweak, settings_tweak).await
+    }
+
+    /// Starts with nats-server settings (e.g. a small `max_payload`), changed configuration
+    /// and function settings.
+    pub async fn start_nats_options(
+        nats_options: NatsOptions,
+        tweak: impl FnOnce(&mut Config),
+        settings_tweak: impl FnOnce(&mut inkwire::Settings),
+    ) -> TestEnv {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let servers = match LocalServers::start(dir.path(), Persistence::Scratch).await {
-            Ok(s) => s,
-            Err(e) => panic!("the tests need real servers: {e}"),
-        };
+        let servers =
+            match LocalServers::start_with(dir.path(), Persistence::Scratch, &nats_options).await {
+                Ok(s) => s,
+                Err(e) => panic!("the tests need real servers: {e}"),
+            };
         let mut config = Config {
             nats_url: servers.nats_url.clone(),
             redis_url: servers.redis_url.clone(),
@@ -105,11 +126,12 @@ impl TestEnv {
             .expect("connect to test servers");
         let mut settings = inkwire::Settings::default();
         settings_tweak(&mut settings);
-        let (base, relay, shutdown, tx) = serve_instance(state.clone(), settings).await;
+        let (base, relay, coedit, shutdown, tx) = serve_instance(state.clone(), settings).await;
         TestEnv {
             state,
             base,
             relay,
+            coedit,
             shutdown,
             http: reqwest::Client::new(),
             nats_url: servers.nats_url.clone(),
@@ -122,17 +144,27 @@ impl TestEnv {
 
     /// A second instance of every function against the same servers.
     pub async fn second_instance(&self, relay_tweak: impl FnOnce(&mut RelayConfig)) -> Instance {
+        self.second_instance_settings(|s| relay_tweak(&mut s.relay))
+            .await
+    }
+
+    /// A second instance of every function with its own settings.
+    pub async fn second_instance_settings(
+        &self,
+        settings_tweak: impl FnOnce(&mut inkwire::Settings),
+    ) -> Instance {
         let config = (*self.state.config).clone();
         let state = AppState::connect(config, "inkwire-test-2")
             .await
             .expect("connect second instance");
         let mut settings = inkwire::Settings::default();
-        relay_tweak(&mut settings.relay);
-        let (base, relay, shutdown, tx) = serve_instance(state, settings).await;
+        settings_tweak(&mut settings);
+        let (base, relay, coedit, shutdown, tx) = serve_instance(state, settings).await;
         std::mem::forget(tx); // served until the test ends
         Instance {
             base,
             relay,
+            coedit,
             shutdown,
         }
     }
@@ -168,11 +200,30 @@ impl TestEnv {
         })
     }
 
+    /// Adds `user` to `project`. A project never exists without an owner, so when the
+    /// project has none yet, [`HARNESS_OWNER`] becomes its owner first.
     pub async fn add_member(&self, project: &str, user: &str, role: ProjectRole) {
         let mut redis = self.state.redis.clone();
-        membership::set_member(&mut redis, project, user, Some(role))
+        let outcome = membership::set_member(&mut redis, project, user, Some(role))
             .await
             .unwrap();
+        if outcome == membership::MembershipChange::NeedsOwner {
+            let owner = membership::set_member(
+                &mut redis,
+                project,
+                HARNESS_OWNER,
+                Some(ProjectRole::Owner),
+            )
+            .await
+            .unwrap();
+            assert_eq!(owner, membership::MembershipChange::Applied);
+            let again = membership::set_member(&mut redis, project, user, Some(role))
+                .await
+                .unwrap();
+            assert_eq!(again, membership::MembershipChange::Applied);
+        } else {
+            assert_eq!(outcome, membership::MembershipChange::Applied);
+        }
     }
     pub async fn register_document(&self, project: &str, document: &str) {
         let mut redis = self.state.redis.clone();
@@ -224,6 +275,58 @@ impl TestEnv {
         (s, b)
     }
 
+    /// Freezes nats-server (SIGSTOP): connections stay open and what is sent is buffered by
+    /// the kernel, but nothing is answered until [`TestEnv::continue_nats`]. A publish made
+    /// meanwhile is stored after the continue, its ack long timed out.
+    pub fn stop_nats(&self) {
+        let pid = self.signal_nats("-STOP");
+        // The stop lands on each thread when it is next scheduled: wait until every one is
+        // stopped, so that nothing sent from now on is answered.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets a nats-server frozen by [`TestEnv::stop_nats`] run again (SIGCONT).
+    pub fn continue_nats(&self) {
+        self.signal_nats("-CONT");
+    }
+
+    fn signal_nats(&self, signal: &str) -> u32 {
+        let pid = self
+            .servers
+            .as_ref()
+            .and_then(|s| s.nats_pid())
+            .expect("nats-server runs");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+        pid
+    }
+
+    /// The process id of the test's nats-server.
+    pub fn nats_pid(&self) -> u32 {
+        self.servers
+            .as_ref()
+            .and_then(|s| s.nats_pid())
+            .expect("nats-server runs")
+    }
+
+    /// The process id of the test's redis-server.
+    pub fn redis_pid(&self) -> u32 {
+        self.servers
+            .as_ref()
+            .and_then(|s| s.redis_pid())
+            .expect("redis-server runs")
+    }
+
     /// Messages stored in a stream.
     pub async fn stream_messages(&self, stream: &str) -> u64 {
         let mut s = self.state.js.get_stream(stream).await.unwrap();
@@ -239,6 +342,54 @@ impl Drop for TestEnv {
         // Children are killed on drop (kill_on_drop); nothing outlives the test.
         drop(self.servers.take());
     }
+}
+
+/// Are all threads of `pid` stopped (state `T` in `/proc/<pid>/task/*/stat`)?
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the parenthesised command name.
+                let after = stat.rsplit_once(") ")?.1;
+                after.chars().next()
+            })
+            .is_some_and(|state| state == 'T' || state == 't')
+    })
+}
+
+/// The writing API's start route.
+pub const START: &str = "/api/realtime/writing/sessions/start";
+/// The relay API's broadcast route.
+pub const BROADCAST: &str = "/api/realtime/websocket/broadcast";
+
+/// Starts a writing session for `token`'s user in p-1/d-1 and returns its id.
+pub async fn start_session(env: &TestEnv, token: &str) -> String {
+    let (status, started) = env
+        .post(
+            START,
+            token,
+            &json!({"projectId": "p-1", "documentId": "d-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    started["sessionId"].as_str().unwrap().to_string()
+}
+
+/// Broadcasts `{"n": n}` to `channel` as the service; returns the message's position.
+pub async fn broadcast(env: &TestEnv, channel: &str, n: u64) -> u64 {
+    let (status, body) = env
+        .post(
+            BROADCAST,
+            &env.service_token(),
+            &json!({"channel": channel, "type": "system", "data": {"n": n}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    body["seq"].as_u64().unwrap()
 }
 
 /// A valid event envelope for tests.

@@ -1,18 +1,26 @@
-//! Who may publish what: a user publishes only events with their own `userId`, and only into
-//! projects (and documents of projects) they are a member of. The `service` role publishes
-//! for anyone. Lookups are cached per request, so a batch of 1,000 events into one project
-//! costs one Redis round trip, not 1,000.
+//! Who may publish what. Each event type has one rule (`shared::publish_rules`): tracker
+//! commands only through the writing API, events that consumers produce for the `service`
+//! role only, and project activity for members from a minimum role up. On top of the rule, a
+//! user publishes only events with their own `userId`, and only into projects (and documents
+//! of projects) they are a member of; the `service` role publishes for anyone. Lookups are
+//! cached per request, so a batch of 1,000 events into one project costs one Redis round
+//! trip, not 1,000.
 
 use std::collections::HashMap;
 
+use axum::http::StatusCode;
 use inkwire_shared::auth::Caller;
+use inkwire_shared::events::Category;
 use inkwire_shared::membership::{self, ProjectRole};
 use inkwire_shared::problem::{Problem, dependency_failed};
+use inkwire_shared::publish_rules::{self, PublishRule};
 use redis::aio::ConnectionManager;
 
 /// The fields of an event that decide who may publish it.
 #[derive(Debug, Clone, Copy)]
 pub struct Scope<'a> {
+    pub category: Category,
+    pub event_type: &'a str,
     pub user_id: &'a str,
     pub project_id: Option<&'a str>,
     pub document_id: Option<&'a str>,
@@ -58,14 +66,39 @@ impl AccessCache {
     }
 }
 
-/// Checks that `caller` may publish an event with `scope`.
+/// Checks that `caller` may publish an event with `scope`; returns the event's project (the
+/// one named, or the one its document is registered in), to be stored with the event.
 pub async fn check_publish(
     caller: &Caller,
     scope: Scope<'_>,
     cache: &mut AccessCache,
     redis: &mut ConnectionManager,
-) -> Result<(), Problem> {
+) -> Result<Option<String>, Problem> {
+    let name = format!("{}.{}", scope.category, scope.event_type);
+    let rule = publish_rules::rule(scope.category, scope.event_type);
     let service = caller.is_service();
+    match rule {
+        PublishRule::DomainApi(route) => {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "domain_api_required",
+                format!(
+                    "{name} cannot be published on the events API (by any role): \
+                     the writing API checks who may do it; use {route}"
+                ),
+            ));
+        }
+        PublishRule::ServiceOnly if !service => {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "service_role_required",
+                format!(
+                    "{name} is produced by inkwire's back ends: only the service role may publish it"
+                ),
+            ));
+        }
+        _ => {}
+    }
     if !service && scope.user_id != caller.user_id {
         return Err(Problem::forbidden(format!(
             "you may only publish events whose userId is your own ({:?}), not {:?}",
@@ -95,16 +128,37 @@ pub async fn check_publish(
         }
     }
     if service {
-        return Ok(());
+        return Ok(project);
     }
-    if let Some(p) = project
-        && cache.role(redis, &p, &caller.user_id).await?.is_none()
-    {
-        return Err(Problem::forbidden(format!(
+    let PublishRule::Member(min) = rule else {
+        unreachable!("other rules were decided above")
+    };
+    let Some(p) = project else {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "project_role_required",
+            format!(
+                "{name} is project activity: name its project (projectId, or a documentId \
+                 registered in it) in which you have the {} role or higher",
+                min.as_str()
+            ),
+        ));
+    };
+    match cache.role(redis, &p, &caller.user_id).await? {
+        None => Err(Problem::forbidden(format!(
             "you are not a member of project {p:?}"
-        )));
+        ))),
+        Some(role) if !publish_rules::role_satisfies(role, min) => Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "project_role_required",
+            format!(
+                "{name} needs the {} role or higher in project {p:?}; yours is {}",
+                min.as_str(),
+                role.as_str()
+            ),
+        )),
+        Some(_) => Ok(Some(p)),
     }
-    Ok(())
 }
 
 /// Checks that `caller` may manage `project`'s members and documents: its owners, and the

@@ -50,20 +50,44 @@ pub struct RangeQuery {
 
 const KNOWN_PARAMS: [&str; 5] = ["from", "to", "type", "limit", "cursor"];
 
+/// Refuses a query parameter that is not in `known` (`400 unknown_parameter`).
+pub fn refuse_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), Problem> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(Problem::bad_request(
+            "unknown_parameter",
+            format!(
+                "unknown query parameter {unknown:?}; known: {}",
+                known.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The `limit` parameter: `default` when absent, else a whole number in `1..=max`.
+pub fn page_limit(
+    params: &HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, Problem> {
+    match params.get("limit") {
+        None => Ok(default),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(Problem::bad_request(
+                "invalid_parameter",
+                format!("limit: {v:?} is not a whole number in 1..={max}"),
+            )),
+        },
+    }
+}
+
 /// Parses and checks the query parameters; every problem names the parameter.
 pub fn parse_range(
     category: Category,
     params: &HashMap<String, String>,
 ) -> Result<RangeQuery, Problem> {
-    if let Some(unknown) = params.keys().find(|k| !KNOWN_PARAMS.contains(&k.as_str())) {
-        return Err(Problem::bad_request(
-            "unknown_parameter",
-            format!(
-                "unknown query parameter {unknown:?}; known: {}",
-                KNOWN_PARAMS.join(", ")
-            ),
-        ));
-    }
+    refuse_unknown(params, &KNOWN_PARAMS)?;
     let time = |name: &str| -> Result<Option<OffsetDateTime>, Problem> {
         params
             .get(name)
@@ -98,18 +122,7 @@ pub fn parse_range(
         }
         t => t.cloned(),
     };
-    let limit = match params.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(Problem::bad_request(
-                    "invalid_parameter",
-                    format!("limit: {v:?} is not a whole number in 1..={MAX_LIMIT}"),
-                ));
-            }
-        },
-    };
+    let limit = page_limit(params, DEFAULT_LIMIT, MAX_LIMIT)?;
     let cursor = match params.get("cursor") {
         None => None,
         Some(v) => match v.parse::<u64>() {

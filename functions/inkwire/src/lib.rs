@@ -1,12 +1,21 @@
 //! Every function of inkwire composed into one process: the events API, the relay (WebSocket
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
-//! scheduler, on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
+//! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
+//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
 //! end-to-end tests.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use futures::FutureExt;
+use inkwire_collaboration::{Coedit, CoeditConfig};
+use inkwire_notifications::api::NotificationsApi;
+use inkwire_notifications::config::NotifyConfig;
+use inkwire_notifications::delivery::{DeliverySettings, DeliveryWorker};
+use inkwire_notifications::notifier::{Notifier, NotifierSettings};
+use inkwire_notifications::providers::{ProviderConfig, Providers};
+use inkwire_notifications::rules::{self, RulesWorker};
 use inkwire_relay::{Relay, RelayConfig};
 use inkwire_shared::AppState;
 use inkwire_shared::consumer::Shutdown;
@@ -20,6 +29,18 @@ use tokio::task::JoinHandle;
 pub struct Settings {
     pub relay: RelayConfig,
     pub writing: TrackerConfig,
+    pub notify: NotifyConfig,
+    pub notifier: NotifierSettings,
+    /// SMTP and SNS (none by default: those channels are skipped with a reason).
+    pub providers: ProviderConfig,
+    pub delivery: DeliverySettings,
+    /// The rules from domain events; `None` means issue 9's defaults.
+    pub rules: Option<Vec<rules::Rule>>,
+    /// Run no notification delivery worker in this process (jobs wait on `notify.deliver.>`
+    /// for a `notifications-worker` elsewhere). Also how the notifier's part is tested alone.
+    pub without_delivery: bool,
+    /// Co-editing limits and timings.
+    pub coedit: CoeditConfig,
 }
 
 impl Settings {
@@ -27,6 +48,13 @@ impl Settings {
         Ok(Settings {
             relay: RelayConfig::from_env()?,
             writing: TrackerConfig::from_env()?,
+            notify: NotifyConfig::from_env()?,
+            notifier: NotifierSettings::from_env()?,
+            providers: ProviderConfig::from_env()?,
+            delivery: DeliverySettings::from_env()?,
+            rules: None,
+            without_delivery: false,
+            coedit: CoeditConfig::from_env()?,
         })
     }
 }
@@ -35,11 +63,12 @@ impl Settings {
 pub struct Running {
     pub router: Router,
     pub relay: Relay,
+    pub coedit: Coedit,
     background: Vec<JoinHandle<anyhow::Result<()>>>,
 }
 
 /// Builds the router and starts the background parts (relay stats responder, router
-/// consumers, writing tracker and scheduler). They stop when `shutdown` is triggered.
+/// consumers, writing tracker and scheduler, notifier and notification scheduler). They stop when `shutdown` is triggered.
 pub async fn start(
     state: AppState,
     settings: Settings,
@@ -47,6 +76,7 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let relay = Relay::new(state.clone(), settings.relay.clone(), shutdown.clone());
     relay.start_background().await?;
+    let coedit = Coedit::start(state.clone(), settings.coedit.clone(), shutdown.clone()).await?;
     let router_task = tokio::spawn(inkwire_relay::router::run_router(
         state.js.clone(),
         settings.relay.router.clone(),
@@ -67,21 +97,77 @@ pub async fn start(
         state.redis.clone(),
         settings.writing.clone(),
         Duration::from_millis(250),
+        shutdown.clone(),
+    ));
+    let notify = Arc::new(settings.notify);
+    let notifier = Notifier::new(
+        state.js.clone(),
+        state.redis.clone(),
+        notify.clone(),
+        Arc::new(settings.notifier),
+    );
+    let notifier_task = tokio::spawn(inkwire_notifications::notifier::run_notifier(
+        notifier.clone(),
+        shutdown.clone(),
+    ));
+    let notify_scheduler_task = tokio::spawn(inkwire_notifications::scheduler::run_scheduler(
+        notifier,
+        shutdown.clone(),
+    ));
+    let providers = Providers::build(&settings.providers).await?;
+    let delivery = DeliveryWorker::new(
+        state.js.clone(),
+        state.redis.clone(),
+        providers.clone(),
+        Arc::new(settings.delivery),
+    );
+    let delivery_task = tokio::spawn(if settings.without_delivery {
+        futures::future::ready(Ok(())).boxed()
+    } else {
+        inkwire_notifications::delivery::run_delivery(delivery, shutdown.clone()).boxed()
+    });
+    let rule_table = match settings.rules {
+        Some(r) => r,
+        None => rules::from_env(&notify)?,
+    };
+    let rules_task = tokio::spawn(rules::run_rules(
+        RulesWorker {
+            js: state.js.clone(),
+            redis: state.redis.clone(),
+            rules: Arc::new(rule_table),
+        },
         shutdown,
     ));
+    let cors = inkwire_shared::origins::cors_layer(&state.config.allowed_origins);
     let writing = WritingApi {
         app: state.clone(),
         config: Arc::new(settings.writing),
+    };
+    let notifications = NotificationsApi {
+        app: state.clone(),
+        config: notify,
+        providers,
     };
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
         .merge(inkwire_relay::routes(relay.clone()))
-        .merge(inkwire_writing::api::routes(writing));
+        .merge(inkwire_writing::api::routes(writing))
+        .merge(inkwire_notifications::api::routes(notifications))
+        .merge(inkwire_collaboration::routes(coedit.clone()));
     Ok(Running {
-        router: inkwire_shared::http::with_fallbacks(router),
+        router: inkwire_shared::http::edge(router).layer(cors),
         relay,
-        background: vec![router_task, tracker_task, scheduler_task],
+        background: vec![
+            router_task,
+            tracker_task,
+            scheduler_task,
+            notifier_task,
+            notify_scheduler_task,
+            delivery_task,
+            rules_task,
+        ],
+        coedit,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The `inkwire` command: `dev` runs everything locally (starting nats-server and
 //! redis-server itself), `serve` runs every function in one process against configured
-//! servers, `token` signs development tokens, `bench` measures against a raw baseline.
+//! servers, `token` signs development tokens, `watch` prints what relay channels carry,
+//! `bench` measures against a raw baseline.
 
 // glibc's malloc was the largest single cost in the ingest profile (JSON values are
 // many small allocations); mimalloc roughly halves it.
@@ -9,8 +10,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod dev;
+mod watch;
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -36,7 +38,8 @@ enum Command {
     /// Run everything locally: starts nats-server and redis-server (unless NATS_URL /
     /// REDIS_URL are set), provisions streams and serves every function on one address.
     Dev {
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// host:port; a name such as localhost is resolved (IPv4 preferred).
+        #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_addr)]
         addr: SocketAddr,
         /// Where the child servers keep their data.
         #[arg(long, default_value = ".inkwire")]
@@ -44,8 +47,8 @@ enum Command {
     },
     /// Serve every function in one process against NATS_URL and REDIS_URL (production).
     Serve {
-        /// Overrides INKWIRE_HTTP_ADDR.
-        #[arg(long)]
+        /// Overrides INKWIRE_HTTP_ADDR; a name such as localhost is resolved.
+        #[arg(long, value_parser = parse_addr)]
         addr: Option<SocketAddr>,
     },
     /// Print a signed token for the configured secret (INKWIRE_JWT_SECRET).
@@ -59,10 +62,32 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// Subscribe to relay channels (e.g. user:alice, project:p-1) and print every frame as
+    /// one JSON line.
+    Watch {
+        /// The server (http://, https://, ws:// or wss://); a URL with a path is used as is.
+        #[arg(long, env = "INKWIRE_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The bearer token.
+        #[arg(long, env = "INKWIRE_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The relay path when --url has none: collaboration, analytics, notifications or
+        /// presence.
+        #[arg(long, default_value = "analytics")]
+        path: String,
+        /// Stop after this many `message` frames.
+        #[arg(long)]
+        count: Option<usize>,
+        #[arg(required = true, num_args = 1..)]
+        channels: Vec<String>,
+    },
     /// Rebuild projections from the streams (stop the live consumers first).
     Replay {
-        /// What to rebuild: `writing`.
+        /// What to rebuild: `writing` (the session projections), or `coedit` (each co-edited
+        /// document from its snapshot and updates, printed as one JSON line per document).
         target: String,
+        /// With `coedit`: only these documents (default: every document in the stream).
+        documents: Vec<String>,
     },
     /// Benchmarks that report the raw baseline from the same run beside each figure.
     Bench {
@@ -71,9 +96,40 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// `host:port`, resolving names: `localhost:8080` works as well as `127.0.0.1:8080`. IPv4 is
+/// preferred because `localhost` often resolves to `::1` first while browsers and curl try
+/// both.
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not host:port ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Dev { .. }) && std::env::var_os("INKWIRE_ENV").is_none() {
+        // `inkwire dev` is development by definition; saying so is what lets it use the
+        // built-in secret (`serve` refuses it otherwise). An explicit INKWIRE_ENV is kept.
+        // SAFETY: no other thread exists yet; the runtime is built below.
+        unsafe { std::env::set_var("INKWIRE_ENV", "development") };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev { addr, data_dir } => {
             telemetry::init();
@@ -82,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { addr } => {
             telemetry::init();
             let config = Config::from_env()?;
+            config.check_serving_secret()?;
             let addr = addr.unwrap_or(config.http_addr);
             let state = AppState::connect(config, "inkwire").await?;
             let (trigger, shutdown) = ShutdownTrigger::new();
@@ -115,11 +172,36 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { scenario } => bench::run(scenario).await,
-        Command::Replay { target } => {
+        Command::Watch {
+            url,
+            token,
+            path,
+            count,
+            channels,
+        } => {
+            watch::run(watch::WatchArgs {
+                url,
+                token,
+                path,
+                count,
+                channels,
+            })
+            .await
+        }
+        Command::Replay { target, documents } => {
             telemetry::init();
             anyhow::ensure!(
-                target == "writing",
-                "unknown replay target {target:?} (known: writing)"
+                target == "writing" || target == "coedit",
+                "unknown replay target {target:?} (known: writing, coedit)"
+            );
+            if target == "coedit" {
+                let config = Config::from_env()?;
+                let state = AppState::connect(config, "inkwire-replay").await?;
+                return replay_coedit(&state, documents).await;
+            }
+            anyhow::ensure!(
+                documents.is_empty(),
+                "replay writing rebuilds every session; it takes no document ids"
             );
             let config = Config::from_env()?;
             let state = AppState::connect(config, "inkwire-replay").await?;
@@ -131,5 +213,57 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// `inkwire replay coedit`: every document (or the ones named) rebuilt from the `YDOC` stream
+/// alone, printed as `{"documentId", "stateBytes", "roots": {name: text}}` lines — what a live instance
+/// serves once it has caught up, for checks and backups.
+async fn replay_coedit(state: &AppState, documents: Vec<String>) -> anyhow::Result<()> {
+    use yrs::{ReadTxn, StateVector, Transact};
+    if let Some(bad) = documents
+        .iter()
+        .find(|d| !inkwire_shared::membership::is_valid_id(d))
+    {
+        anyhow::bail!("{bad:?} is not a document id");
+    }
+    let documents = if documents.is_empty() {
+        inkwire_collaboration::storage::documents(&state.js).await?
+    } else {
+        documents
+    };
+    for id in documents {
+        let doc = inkwire_collaboration::storage::rebuild(&state.js, &id).await?;
+        let bytes = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+            .len();
+        let roots: serde_json::Map<String, serde_json::Value> =
+            inkwire_collaboration::api::texts(&doc)
+                .into_iter()
+                .map(|(name, text)| (name, serde_json::Value::String(text)))
+                .collect();
+        println!(
+            "{}",
+            serde_json::json!({"documentId": id, "stateBytes": bytes, "roots": roots})
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_may_be_names() {
+        assert_eq!(
+            parse_addr("127.0.0.1:8080").unwrap(),
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        );
+        let local = parse_addr("localhost:8080").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 8080, "{local}");
+        assert!(parse_addr("localhost").is_err());
+        assert!(parse_addr("no such host.invalid:80").is_err());
     }
 }

@@ -2,6 +2,11 @@
 //! `GET /api/realtime/websocket/stats` (summed over every relay instance, gathered over
 //! NATS), `POST /api/realtime/websocket/broadcast` and `POST
 //! /api/realtime/websocket/send-to-user`.
+//!
+//! Both writes are retry-safe (`shared::idempotent_requests`): the body's `id` or the
+//! `Idempotency-Key` header makes every retry publish the same message id, and keeps the
+//! first answer. The body's `id` is constrained by the schema; it never reaches a NATS
+//! header itself (the message id is derived from it).
 
 use std::time::Duration;
 
@@ -14,6 +19,8 @@ use futures::StreamExt;
 use inkwire_shared::auth::Caller;
 use inkwire_shared::channels::{self, Channel, ChannelKind, MessageType};
 use inkwire_shared::http::JsonBody;
+use inkwire_shared::idempotent_requests::{self, IdempotencyKey, Scope};
+use inkwire_shared::jetstream;
 use inkwire_shared::membership::{self, ProjectRole};
 use inkwire_shared::problem::{Problem, dependency_failed};
 use inkwire_shared::schema::schemas;
@@ -90,11 +97,9 @@ fn message_type(body: &Value) -> MessageType {
     serde_json::from_value(body["type"].clone()).expect("schema checked type")
 }
 
-fn message_id(body: &Value) -> String {
-    body.get("id")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+/// The idempotency key: the `Idempotency-Key` header or the body's `id`.
+fn request_key(header: IdempotencyKey, body: &Value) -> Result<IdempotencyKey, Problem> {
+    header.or_body_id(body.get("id").and_then(Value::as_str))
 }
 
 /// May `caller` broadcast to `channel`? Service and admin anywhere; a project's owners on
@@ -123,6 +128,7 @@ async fn may_broadcast(relay: &Relay, caller: &Caller, channel: &Channel) -> Res
 async fn broadcast(
     State(relay): State<Relay>,
     caller: Caller,
+    key: IdempotencyKey,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Problem> {
     schemas()
@@ -142,12 +148,14 @@ async fn broadcast(
             "broadcasting to {channel} needs the service or admin role, or ownership of its project"
         )));
     }
-    publish(&relay, &channel, &body).await
+    let key = request_key(key, &body)?;
+    publish(&relay, &caller, "relay.broadcast", &channel, key, &body).await
 }
 
 async fn send_to_user(
     State(relay): State<Relay>,
     caller: Caller,
+    key: IdempotencyKey,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Problem> {
     schemas()
@@ -159,28 +167,47 @@ async fn send_to_user(
         ));
     }
     let user = body["userId"].as_str().expect("schema checked userId");
-    publish(&relay, &Channel::new(ChannelKind::User, user), &body).await
+    let key = request_key(key, &body)?;
+    let channel = Channel::new(ChannelKind::User, user);
+    publish(&relay, &caller, "relay.send_to_user", &channel, key, &body).await
 }
 
-async fn publish(relay: &Relay, channel: &Channel, body: &Value) -> Result<Response, Problem> {
-    let id = message_id(body);
-    let published = channels::publish(
-        &relay.app.js,
-        channel,
-        message_type(body),
-        &body["data"],
-        id.clone(),
-    )
+/// Publishes the message once per key; `413` when it is larger than NATS accepts, `503
+/// outcome_unknown` with the id to retry with when the ack did not come.
+async fn publish(
+    relay: &Relay,
+    caller: &Caller,
+    route: &'static str,
+    channel: &Channel,
+    key: IdempotencyKey,
+    body: &Value,
+) -> Result<Response, Problem> {
+    let target = channel.to_string();
+    let scope = Scope {
+        route,
+        caller: &caller.user_id,
+        target: &target,
+    };
+    idempotent_requests::run(&relay.app, scope, key, Some(body), |attempt| async move {
+        let msg = channels::outgoing(
+            channel,
+            message_type(body),
+            &body["data"],
+            attempt.event_id.to_string(),
+        );
+        let published = jetstream::publish_acked(&relay.app.js, msg)
+            .await
+            .map_err(|e| attempt.publish_problem(&e, "the message"))?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "channel": channel.to_string(),
+                "id": attempt.key,
+                "seq": published.sequence,
+                "duplicate": published.duplicate,
+            })),
+        )
+            .into_response())
+    })
     .await
-    .map_err(|e| dependency_failed("nats", e))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "channel": channel.to_string(),
-            "id": id,
-            "seq": published.sequence,
-            "duplicate": published.duplicate,
-        })),
-    )
-        .into_response())
 }

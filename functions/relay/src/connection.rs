@@ -1,8 +1,9 @@
 //! One WebSocket connection: the upgrade (authenticated before it happens), then a single
 //! task that reads client frames, writes queued frames, sends heartbeats and enforces the
-//! limits (rate, frame size, send queue, token expiry).
+//! limits (rate, frame size, send queue, token expiry). The same task applies revocations
+//! (`revocation`): they arrive on a control channel and take effect between two frames.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -18,8 +19,11 @@ use tokio::sync::{Notify, mpsc};
 use crate::Relay;
 use crate::hub::{Outbound, Peer};
 use crate::permissions::{self, Access, WsPath};
-use crate::protocol::{ClientFrame, ServerFrame, close, codes, parse_client_frame};
+use crate::protocol::{
+    ClientFrame, ServerFrame, UnsubscribeReason, close, codes, parse_client_frame,
+};
 use crate::rate_limit::TokenBucket;
+use crate::revocation::{self, Control, ControlReceiver, ControlSender, Scope};
 
 /// Frames dropped by the rate limit before the connection is closed.
 const RATE_ABUSE_LIMIT: u32 = 200;
@@ -36,8 +40,17 @@ struct Conn {
     connection_id: String,
     tx: mpsc::Sender<Outbound>,
     too_slow: Arc<Notify>,
+    control: ControlSender,
     sink: SplitSink<WebSocket, Message>,
-    channels: HashSet<Channel>,
+    /// Live subscriptions and their ids.
+    channels: HashMap<Channel, u64>,
+    next_sub: u64,
+    /// Channels whose subscription ended while frames of theirs may still be queued; such
+    /// frames are dropped. Cleared whenever the queue is empty (the hub sends nothing for a
+    /// subscription after `leave`), so the common case costs one `is_empty`. Subscribing to
+    /// the channel again takes it out: the right is back, so a frame still queued from
+    /// before may go too.
+    ended: Vec<String>,
     bad_frames: u32,
     rate_dropped: u32,
 }
@@ -56,7 +69,9 @@ pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) 
     let id = relay.next_connection_id();
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(relay.config.send_queue);
+    let (control, control_rx) = revocation::control_channel();
     let connection_id = format!("{}-{id}", relay.instance_id);
+    relay.register_connection(&caller.user_id, id, control.clone());
     let mut conn = Conn {
         relay: relay.clone(),
         caller,
@@ -65,14 +80,17 @@ pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) 
         connection_id,
         tx,
         too_slow: Arc::new(Notify::new()),
+        control,
         sink,
-        channels: HashSet::new(),
+        channels: HashMap::new(),
+        next_sub: 1,
+        ended: Vec::new(),
         bad_frames: 0,
         rate_dropped: 0,
     };
     relay.metrics.connection_opened(path);
     let mut stream = stream;
-    let ending = conn.serve(&mut stream, rx).await;
+    let ending = conn.serve(&mut stream, rx, control_rx).await;
     if let Some((code, reason)) = ending {
         let sent = tokio::time::timeout(
             Duration::from_secs(2),
@@ -96,7 +114,8 @@ pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) 
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.sink.close()).await;
-    for channel in std::mem::take(&mut conn.channels) {
+    relay.unregister_connection(&conn.caller.user_id, conn.id);
+    for channel in std::mem::take(&mut conn.channels).into_keys() {
         relay.hub.leave(&channel, conn.id).await;
     }
     relay.metrics.connection_closed(path);
@@ -104,12 +123,84 @@ pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) 
 }
 
 impl Conn {
-    fn peer(&self) -> Peer {
+    fn peer(&self, sub: u64) -> Peer {
         Peer {
             id: self.id,
+            sub,
             tx: self.tx.clone(),
             too_slow: self.too_slow.clone(),
+            control: self.control.clone(),
         }
+    }
+
+    /// Whether a queued `message` frame may still be written: not when its channel's
+    /// subscription ended while it was queued.
+    fn is_live(&self, frame: &str) -> bool {
+        self.ended.is_empty()
+            || !self
+                .ended
+                .iter()
+                .any(|c| frame_channel(frame) == Some(c.as_str()))
+    }
+
+    /// Ends subscription `channel` (if it is the one with id `sub`, when given): the hub
+    /// stops sending its frames, and those still queued are dropped.
+    async fn end_subscription(&mut self, channel: &Channel, sub: Option<u64>) -> bool {
+        match self.channels.get(channel) {
+            Some(current) if sub.is_none_or(|s| s == *current) => {
+                self.ended.push(channel.to_string());
+                self.channels.remove(channel);
+                self.relay.hub.leave(channel, self.id).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts a re-check of the subscriptions in `scope`; its verdict comes back as a
+    /// `Control::Revoke`.
+    fn recheck(&self, scope: &Scope) {
+        if self.caller.is_privileged() {
+            // Privileged callers read every project, document and room by their token.
+            return;
+        }
+        let subscriptions: Vec<(Channel, u64)> = self
+            .channels
+            .iter()
+            .filter(|(c, _)| scope.covers(c))
+            .map(|(c, s)| (c.clone(), *s))
+            .collect();
+        if !subscriptions.is_empty() {
+            revocation::spawn_recheck(
+                self.caller.clone(),
+                subscriptions,
+                self.relay.app.redis.clone(),
+                self.control.clone(),
+            );
+        }
+    }
+
+    /// Applies a re-check's verdict; returns false when the connection broke.
+    async fn revoke(&mut self, denied: Vec<(Channel, u64)>) -> bool {
+        for (channel, sub) in denied {
+            // A subscription that ended, or was made again, since the check is left alone:
+            // a new one was checked when it was made.
+            if !self.end_subscription(&channel, Some(sub)).await {
+                continue;
+            }
+            self.relay.metrics.revoked.fetch_add(1, Ordering::Relaxed);
+            let name = channel.to_string();
+            let text = ServerFrame::Unsubscribed {
+                channel: &name,
+                reason: UnsubscribeReason::Revoked,
+                reference: None,
+            }
+            .to_text();
+            if !self.send_text(text).await {
+                return false;
+            }
+        }
+        true
     }
 
     async fn send_text(&mut self, text: String) -> bool {
@@ -134,6 +225,7 @@ impl Conn {
         &mut self,
         stream: &mut SplitStream<WebSocket>,
         mut rx: mpsc::Receiver<Outbound>,
+        mut control_rx: ControlReceiver,
     ) -> Ending {
         let config = self.relay.config.clone();
         let welcome = ServerFrame::Welcome {
@@ -146,7 +238,7 @@ impl Conn {
             return None;
         }
         for channel in self.path.default_channels(&self.caller) {
-            if !self.subscribe(channel.to_string(), None, None).await {
+            if !Box::pin(self.subscribe(channel.to_string(), None, None)).await {
                 return None;
             }
         }
@@ -184,6 +276,18 @@ impl Conn {
                         Stop::Shutdown => (close::GOING_AWAY, "server shutting down; reconnect with since"),
                         Stop::Expired => (close::TOKEN_EXPIRED, "token expired"),
                     });
+                }
+                Some(control) = control_rx.recv() => {
+                    match control {
+                        Control::Recheck(scope) => self.recheck(&scope),
+                        Control::Revoke(denied) => {
+                            // Boxed: a revocation is rare, and its state inline would make
+                            // every connection's task larger for good.
+                            if !Box::pin(self.revoke(denied)).await {
+                                return None;
+                            }
+                        }
+                    }
                 }
                 _ = heartbeat.tick() => {
                     if unanswered >= 2 {
@@ -233,7 +337,10 @@ impl Conn {
                                 }
                                 continue;
                             }
-                            if let Some(ending) = self.handle_text(&text).await {
+                            // Boxed: handling a client frame (a subscribe reads history from
+                            // the stream) has a large state that the connection's task would
+                            // otherwise carry inline for its whole life.
+                            if let Some(ending) = Box::pin(self.handle_text(&text)).await {
                                 return ending;
                             }
                         }
@@ -250,15 +357,24 @@ impl Conn {
         }
     }
 
-    /// Writes `first` and whatever else is queued (up to a batch) with one flush.
+    /// Writes `first` and whatever else is queued (up to a batch) with one flush, skipping
+    /// frames of subscriptions that ended.
     async fn write_batch(&mut self, first: Utf8Bytes, rx: &mut mpsc::Receiver<Outbound>) -> bool {
-        let mut n = 1u64;
-        if self.sink.feed(Message::Text(first)).await.is_err() {
-            return false;
+        let mut n = 0u64;
+        let mut taken = 1usize;
+        if self.is_live(&first) {
+            if self.sink.feed(Message::Text(first)).await.is_err() {
+                return false;
+            }
+            n += 1;
         }
-        while (n as usize) < WRITE_BATCH {
+        while taken < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(Outbound::Frame(f)) => {
+                    taken += 1;
+                    if !self.is_live(&f) {
+                        continue;
+                    }
                     if self.sink.feed(Message::Text(f)).await.is_err() {
                         return false;
                     }
@@ -266,6 +382,12 @@ impl Conn {
                 }
                 Err(_) => break,
             }
+        }
+        if rx.is_empty() {
+            self.ended.clear();
+        }
+        if n == 0 {
+            return true;
         }
         self.relay
             .metrics
@@ -335,7 +457,7 @@ impl Conn {
             Ok(c) => c,
             Err(still_open) => return still_open,
         };
-        if !self.channels.remove(&channel) {
+        if !self.end_subscription(&channel, None).await {
             return self
                 .send_error(
                     codes::NOT_SUBSCRIBED,
@@ -344,9 +466,9 @@ impl Conn {
                 )
                 .await;
         }
-        self.relay.hub.leave(&channel, self.id).await;
         let text = ServerFrame::Unsubscribed {
             channel: &name,
+            reason: UnsubscribeReason::Requested,
             reference,
         }
         .to_text();
@@ -374,7 +496,7 @@ impl Conn {
                 .send_error(codes::CHANNEL_NOT_ALLOWED_ON_PATH, &message, reference)
                 .await;
         }
-        if self.channels.contains(&channel) {
+        if self.channels.contains_key(&channel) {
             return self
                 .send_error(
                     codes::ALREADY_SUBSCRIBED,
@@ -410,7 +532,9 @@ impl Conn {
                     .await;
             }
         }
-        let joined = match self.relay.hub.join(&channel, self.peer(), since).await {
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        let joined = match self.relay.hub.join(&channel, self.peer(sub), since).await {
             Ok(j) => j,
             Err(e) => {
                 tracing::warn!(error = %e, %channel, "join failed");
@@ -420,7 +544,9 @@ impl Conn {
                     .await;
             }
         };
-        self.channels.insert(channel.clone());
+        let name = channel.to_string();
+        self.ended.retain(|c| *c != name);
+        self.channels.insert(channel.clone(), sub);
         let subscribed = ServerFrame::Subscribed {
             channel: &name,
             position: joined.position,
@@ -452,5 +578,29 @@ impl Conn {
                 .fetch_add(1, Ordering::Relaxed);
         }
         self.sink.flush().await.is_ok()
+    }
+}
+
+/// The channel a `message` frame names: frames start `{"op":"message","channel":"…"` (see
+/// `protocol::message_frame`; channel names hold no quote or escape).
+fn frame_channel(frame: &str) -> Option<&str> {
+    let rest = frame.strip_prefix(r#"{"op":"message","channel":""#)?;
+    rest.split_once('"').map(|(channel, _)| channel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_name_their_channel() {
+        let frame = crate::protocol::message_frame(
+            "project:p-1",
+            7,
+            br#"{"type":"system","data":{"n":1},"ts":"2026-11-22T10:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(frame_channel(&frame), Some("project:p-1"));
+        assert_eq!(frame_channel(r#"{"op":"pong"}"#), None);
     }
 }

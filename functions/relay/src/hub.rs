@@ -24,20 +24,30 @@ use tokio::sync::{Notify, mpsc};
 use crate::metrics::Metrics;
 use crate::protocol::message_frame;
 use crate::recovery;
+use crate::revocation::ControlSender;
 
 /// What a connection's send queue carries.
 #[derive(Debug, Clone)]
 pub enum Outbound {
+    /// A `message` frame. It names its channel, which is how the connection drops queued
+    /// frames of a subscription that ended meanwhile (a revoked channel delivers nothing after
+    /// its `unsubscribed` frame) without a tag on every frame: the queue's slots are allocated
+    /// per connection up front, so each byte of an `Outbound` is paid by every idle
+    /// connection.
     Frame(Utf8Bytes),
 }
 
-/// The hub's handle on one connection.
+/// The hub's handle on one subscription of one connection.
 #[derive(Clone)]
 pub struct Peer {
     pub id: u64,
+    /// The subscription's id, unique within the connection.
+    pub sub: u64,
     pub tx: mpsc::Sender<Outbound>,
     /// Notified when the connection must close because it is too slow.
     pub too_slow: Arc<Notify>,
+    /// Reaches the connection outside its queue (re-checks of its rights).
+    pub control: ControlSender,
 }
 
 struct Subscriber {
@@ -211,6 +221,25 @@ impl Hub {
                 .channels
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The control handles of every local subscriber of `channel`.
+    pub async fn controls_of(&self, channel: &Channel) -> Vec<ControlSender> {
+        let Some(entry) = self
+            .channels
+            .lock()
+            .await
+            .get(&channel.to_string())
+            .cloned()
+        else {
+            return Vec::new();
+        };
+        let state = entry.state.lock().expect("channel state lock");
+        state
+            .subscribers
+            .values()
+            .map(|s| s.peer.control.clone())
+            .collect()
     }
 
     /// Subscribes to the channel's live subject, learns its current position and starts the

@@ -4,6 +4,9 @@
 //!   protocol (see `protocol` and the README), authenticated before the upgrade;
 //! - fan-out through NATS (`hub`), so any number of relay instances serve the same channels;
 //! - recovery from the RELAY stream (`recovery`);
+//! - revocation: live subscriptions re-checked when rights shrink (`revocation`);
+//! - browsers: upgrades from origins that are not allowed are refused before the upgrade
+//!   (`shared::origins`), and every refusal of an upgrade is problem+json;
 //! - the router, a durable consumer that forwards domain events to channels (`router`);
 //! - the server API: stats over all instances, broadcast, send-to-user (`api`), and
 //!   Prometheus metrics at `/metrics`.
@@ -16,6 +19,7 @@ pub mod permissions;
 pub mod protocol;
 pub mod rate_limit;
 pub mod recovery;
+pub mod revocation;
 pub mod router;
 
 use std::collections::HashMap;
@@ -24,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{FromRef, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -34,10 +40,12 @@ use inkwire_shared::auth::{AuthError, Caller};
 use inkwire_shared::config::{ConfigError, parse_duration};
 use inkwire_shared::consumer::Shutdown;
 use inkwire_shared::problem::Problem;
+use inkwire_shared::websocket::{find_token, upgrade_rejection};
 
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::permissions::WsPath;
+use crate::revocation::ControlSender;
 
 /// Relay limits and timings, from `INKWIRE_RELAY_*` variables.
 #[derive(Debug, Clone)]
@@ -49,6 +57,9 @@ pub struct RelayConfig {
     pub rate_per_sec: u32,
     pub rate_burst: u32,
     pub max_frame_bytes: usize,
+    /// How often every connection re-checks its project, document and room subscriptions,
+    /// for access changes whose announcement was missed.
+    pub recheck_interval: Duration,
     pub router: router::RouterConfig,
 }
 
@@ -62,6 +73,7 @@ impl Default for RelayConfig {
             rate_per_sec: 50,
             rate_burst: 100,
             max_frame_bytes: 64 * 1024,
+            recheck_interval: Duration::from_secs(30),
             router: router::RouterConfig::default(),
         }
     }
@@ -107,6 +119,20 @@ impl RelayConfig {
         if let Some(n) = num("INKWIRE_RELAY_MAX_FRAME_BYTES", 256, 16 << 20)? {
             c.max_frame_bytes = n;
         }
+        if let Ok(v) = std::env::var("INKWIRE_RELAY_RECHECK_INTERVAL") {
+            c.recheck_interval = parse_duration(&v)
+                .and_then(|d| {
+                    if d >= Duration::from_millis(100) {
+                        Ok(d)
+                    } else {
+                        Err(format!("{v:?} is shorter than 100ms"))
+                    }
+                })
+                .map_err(|problem| ConfigError {
+                    name: "INKWIRE_RELAY_RECHECK_INTERVAL",
+                    problem,
+                })?;
+        }
         c.router = router::RouterConfig::from_env()?;
         Ok(c)
     }
@@ -122,7 +148,17 @@ pub struct Relay {
     pub instance_id: String,
     pub shutdown: Shutdown,
     next_id: Arc<AtomicU64>,
-    connections_per_user: Arc<Mutex<HashMap<String, usize>>>,
+    /// Per user: connections admitted (counted against the per-user limit) and the control
+    /// handle of each open one.
+    users: Arc<Mutex<HashMap<String, UserConnections>>>,
+}
+
+/// One user's connections on this instance, in one entry (one key, and a `Vec` rather than a
+/// map: most users hold one or two connections, and each byte here is paid per connection).
+#[derive(Default)]
+struct UserConnections {
+    admitted: usize,
+    controls: Vec<(u64, ControlSender)>,
 }
 
 impl FromRef<Relay> for AppState {
@@ -149,7 +185,7 @@ impl Relay {
             instance_id,
             shutdown,
             next_id: Arc::new(AtomicU64::new(1)),
-            connections_per_user: Arc::default(),
+            users: Arc::default(),
         }
     }
 
@@ -159,42 +195,88 @@ impl Relay {
 
     /// Counts a connection of `user`, refusing it over the per-user limit.
     fn admit_user(&self, user: &str) -> bool {
-        let mut map = self
-            .connections_per_user
-            .lock()
-            .expect("connection count lock");
-        let n = map.entry(user.to_string()).or_default();
-        if *n >= self.config.max_connections_per_user {
+        let mut map = self.users.lock().expect("users lock");
+        let entry = map.entry(user.to_string()).or_default();
+        if entry.admitted >= self.config.max_connections_per_user {
             return false;
         }
-        *n += 1;
+        entry.admitted += 1;
         true
     }
 
     fn release_user(&self, user: &str) {
-        let mut map = self
-            .connections_per_user
-            .lock()
-            .expect("connection count lock");
-        if let Some(n) = map.get_mut(user) {
-            *n -= 1;
-            if *n == 0 {
+        let mut map = self.users.lock().expect("users lock");
+        if let Some(entry) = map.get_mut(user) {
+            entry.admitted = entry.admitted.saturating_sub(1);
+            if entry.admitted == 0 && entry.controls.is_empty() {
                 map.remove(user);
             }
         }
     }
 
-    /// Starts the background parts of this instance: the stats responder. The router runs
-    /// separately (`router::run`), once per deployment or per instance.
+    fn register_connection(&self, user: &str, id: u64, control: ControlSender) {
+        self.users
+            .lock()
+            .expect("users lock")
+            .entry(user.to_string())
+            .or_default()
+            .controls
+            .push((id, control));
+    }
+
+    fn unregister_connection(&self, user: &str, id: u64) {
+        let mut map = self.users.lock().expect("users lock");
+        if let Some(entry) = map.get_mut(user) {
+            entry.controls.retain(|(c, _)| *c != id);
+            if entry.admitted == 0 && entry.controls.is_empty() {
+                map.remove(user);
+            }
+        }
+    }
+
+    /// The control handles of `user`'s connections on this instance.
+    pub fn controls_of_user(&self, user: &str) -> Vec<ControlSender> {
+        self.users
+            .lock()
+            .expect("users lock")
+            .get(user)
+            .map(|e| e.controls.iter().map(|(_, c)| c.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The control handles of every connection on this instance.
+    pub fn controls_of_all(&self) -> Vec<ControlSender> {
+        self.controls_in_slice(0, 1)
+    }
+
+    /// The control handles of the connections whose id is `slice` modulo `slices`.
+    pub fn controls_in_slice(&self, slice: u64, slices: u64) -> Vec<ControlSender> {
+        self.users
+            .lock()
+            .expect("users lock")
+            .values()
+            .flat_map(|e| e.controls.iter())
+            .filter(|(id, _)| *id % slices == slice)
+            .map(|(_, control)| control.clone())
+            .collect()
+    }
+
+    /// Starts the background parts of this instance: the stats responder, the periodic
+    /// re-check of rights and the access-change listener. The router runs separately (`router::run`), once per
+    /// deployment or per instance.
     pub async fn start_background(&self) -> anyhow::Result<()> {
-        api::spawn_stats_responder(self.clone()).await
+        api::spawn_stats_responder(self.clone()).await?;
+        revocation::spawn_periodic_recheck(self.clone());
+        revocation::spawn_access_listener(self.clone()).await
     }
 }
 
-/// The relay as a complete service (its own binary): routes, health, problem+json fallbacks.
+/// The relay as a complete service (its own binary): routes and health behind the shared edge,
+/// CORS with the allowed origins.
 pub fn app(relay: Relay) -> Router {
+    let cors = inkwire_shared::origins::cors_layer(&relay.app.config.allowed_origins);
     let health = inkwire_shared::http::health_routes().with_state(relay.app.clone());
-    inkwire_shared::http::with_fallbacks(routes(relay).merge(health))
+    inkwire_shared::http::edge(routes(relay).merge(health)).layer(cors)
 }
 
 /// The relay's routes: the four WebSocket paths, `/metrics`, and the server API (no health
@@ -206,8 +288,8 @@ pub fn routes(relay: Relay) -> Router {
             path.route(),
             get(
                 move |state: State<Relay>,
-                      ws: WebSocketUpgrade,
-                      query: Query<HashMap<String, String>>,
+                      ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+                      query: Result<Query<HashMap<String, String>>, QueryRejection>,
                       headers: HeaderMap| {
                     upgrade(state, ws, query, headers, path)
                 },
@@ -220,56 +302,33 @@ pub fn routes(relay: Relay) -> Router {
         .with_state(relay)
 }
 
-/// Cookie that may carry the token for browsers (set it HttpOnly from your app's domain).
-pub const TOKEN_COOKIE: &str = "inkwire_token";
-/// Prefix of a `Sec-WebSocket-Protocol` entry that carries the token.
-pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
 /// The protocol name the relay answers with when the client offers it.
 pub const PROTOCOL: &str = "inkwire.v1";
 
-/// Finds the token: `?token=`, a `bearer.<jwt>` WebSocket subprotocol, the `inkwire_token`
-/// cookie, or an `Authorization: Bearer` header.
-fn find_token(query: &HashMap<String, String>, headers: &HeaderMap) -> Option<String> {
-    if let Some(t) = query.get("token") {
-        return Some(t.clone());
-    }
-    let protocols = headers.get_all(header::SEC_WEBSOCKET_PROTOCOL);
-    for value in protocols.iter().filter_map(|v| v.to_str().ok()) {
-        for entry in value.split(',').map(str::trim) {
-            if let Some(t) = entry.strip_prefix(TOKEN_PROTOCOL_PREFIX) {
-                return Some(t.to_string());
-            }
-        }
-    }
-    for value in headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        for pair in value.split(';').map(str::trim) {
-            if let Some(t) = pair
-                .strip_prefix(TOKEN_COOKIE)
-                .and_then(|r| r.strip_prefix('='))
-            {
-                return Some(t.to_string());
-            }
-        }
-    }
-    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = auth.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
-}
-
 async fn upgrade(
     State(relay): State<Relay>,
-    ws: WebSocketUpgrade,
-    Query(query): Query<HashMap<String, String>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     path: WsPath,
 ) -> Response {
-    let token = match find_token(&query, &headers) {
+    // The origin first, whatever the credentials: a browser attaches the session cookie to
+    // an upgrade from any site (cross-site WebSocket hijacking).
+    if let Err(e) = relay.app.config.allowed_origins.check(&headers) {
+        return Problem::from(e).into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return upgrade_rejection(rejection, "WebSocket connections"),
+    };
+    let Ok(Query(query)) = query else {
+        return Problem::bad_request(
+            "invalid_parameter",
+            "the query string is not valid (bad percent-encoding?)",
+        )
+        .into_response();
+    };
+    let token = match find_token(&query, &headers).map(|(t, _)| t) {
         Some(t) => t,
         None => return Problem::from(AuthError::Missing).into_response(),
     };

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub gaps_filled: AtomicU64,
     pub denied: AtomicU64,
     pub heartbeat_timeouts: AtomicU64,
+    /// Subscriptions dropped because the subscriber lost the right to read the channel.
+    pub revoked: AtomicU64,
 }
 
 fn path_index(path: WsPath) -> usize {
@@ -69,6 +71,7 @@ impl Metrics {
             gaps_filled: load(&self.gaps_filled),
             denied: load(&self.denied),
             heartbeat_timeouts: load(&self.heartbeat_timeouts),
+            revoked: load(&self.revoked),
         }
     }
 
@@ -166,6 +169,12 @@ impl Metrics {
             "counter",
             line("denied_total", s.denied.to_string()),
         );
+        gauge(
+            "revoked_total",
+            "Subscriptions dropped because the subscriber lost the right to read the channel.",
+            "counter",
+            line("revoked_total", s.revoked.to_string()),
+        );
         out
     }
 }
@@ -190,6 +199,9 @@ pub struct StatsSnapshot {
     pub gaps_filled: u64,
     pub denied: u64,
     pub heartbeat_timeouts: u64,
+    /// Absent from instances that predate revocation (summed as 0).
+    #[serde(default)]
+    pub revoked: u64,
 }
 
 impl StatsSnapshot {
@@ -212,5 +224,6 @@ impl StatsSnapshot {
         self.gaps_filled += o.gaps_filled;
         self.denied += o.denied;
         self.heartbeat_timeouts += o.heartbeat_timeouts;
+        self.revoked += o.revoked;
     }
 }

@@ -149,6 +149,17 @@ pub mod close {
     pub const RATE_LIMIT_ABUSE: u16 = 4029;
 }
 
+/// Why a subscription ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnsubscribeReason {
+    /// The client sent `unsubscribe`.
+    Requested,
+    /// The subscriber lost the right to read the channel (removed from the project, the
+    /// document removed, no longer a room participant).
+    Revoked,
+}
+
 /// Frames the server sends (except `message`, which is assembled without re-serializing).
 #[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -170,6 +181,7 @@ pub enum ServerFrame<'a> {
     },
     Unsubscribed {
         channel: &'a str,
+        reason: UnsubscribeReason,
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a Value>,
     },

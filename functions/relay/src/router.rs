@@ -4,8 +4,10 @@
 //!
 //! Which event types are forwarded is configurable: `INKWIRE_ROUTER_EXCLUDE` is a
 //! comma-separated list of `category.type` or `category.*` (default `writing.keystroke,
-//! writing.word_added`: raw keystrokes and per-batch word counts are many and say nothing a
-//! watcher needs; the writing tracker pushes throttled live metrics instead). The relay message type follows the
+//! writing.word_added,notification.notification_created`: raw keystrokes and per-batch word
+//! counts are many and say nothing a watcher needs, the writing tracker pushes throttled live
+//! metrics instead; a notification is one event per recipient, up to 1,000 per send, and its
+//! recipient already gets it on `user:` from the inbox). The relay message type follows the
 //! event: collaboration presence events (`user_joined`, `user_left`, `cursor_moved`) are
 //! `presence_update`, other writing and collaboration events `document_update`, everything
 //! else `system`; `data` is the whole event envelope. Forwarding is idempotent: each channel
@@ -36,6 +38,7 @@ impl Default for RouterConfig {
             exclude: [
                 "writing.keystroke".to_string(),
                 "writing.word_added".to_string(),
+                "notification.notification_created".to_string(),
             ]
             .into(),
         }
@@ -97,13 +100,18 @@ pub fn channels_of(event: &Event) -> Vec<Channel> {
     out
 }
 
+/// Reads a stored event as the router does (the events API only stores what this accepts).
+pub fn parse(payload: &[u8]) -> Result<Event, HandlerError> {
+    serde_json::from_slice(payload)
+        .map_err(|e| HandlerError::Permanent(format!("not an event envelope: {e}")))
+}
+
 async fn forward(
     js: &jetstream::Context,
     config: &RouterConfig,
     delivery: Delivery,
 ) -> Result<(), HandlerError> {
-    let event: Event = serde_json::from_slice(&delivery.payload)
-        .map_err(|e| HandlerError::Permanent(format!("not an event envelope: {e}")))?;
+    let event = parse(&delivery.payload)?;
     if !config.forwards(event.category, &event.event_type) {
         return Ok(());
     }

@@ -6,6 +6,10 @@
 //!
 //! Writes are published to JetStream (the tracker applies them); reads come from the Redis
 //! projections. Only the session's owner writes to it; project members may read.
+//!
+//! Every write (start, keystroke, pause, resume, end) is retry-safe: it runs through
+//! `shared::idempotent_requests`, so an `Idempotency-Key` makes the published event id the
+//! same for every retry and keeps the first answer.
 
 use std::sync::Arc;
 
@@ -19,9 +23,10 @@ use inkwire_shared::AppState;
 use inkwire_shared::auth::Caller;
 use inkwire_shared::events::{Category, Event};
 use inkwire_shared::http::JsonBody;
-use inkwire_shared::jetstream::{Outgoing, publish};
+use inkwire_shared::idempotent_requests::{self, Attempt, IdempotencyKey, Scope};
+use inkwire_shared::jetstream::{Outgoing, publish_acked};
 use inkwire_shared::membership::{self, ProjectRole, is_valid_id};
-use inkwire_shared::problem::{Problem, dependency_failed};
+use inkwire_shared::problem::{OUTCOME_UNKNOWN, Problem, dependency_failed};
 use inkwire_shared::schema::{FieldError, schemas};
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -63,15 +68,15 @@ pub fn routes(api: WritingApi) -> Router {
         )
         .route(
             "/api/realtime/writing/sessions/{session_id}/pause",
-            post(|s, c, p| request(s, c, p, SessionState::Paused)),
+            post(|s, c, k, p| request(s, c, k, p, SessionState::Paused)),
         )
         .route(
             "/api/realtime/writing/sessions/{session_id}/resume",
-            post(|s, c, p| request(s, c, p, SessionState::ActiveWriting)),
+            post(|s, c, k, p| request(s, c, k, p, SessionState::ActiveWriting)),
         )
         .route(
             "/api/realtime/writing/sessions/{session_id}/end",
-            post(|s, c, p| request(s, c, p, SessionState::Ended)),
+            post(|s, c, k, p| request(s, c, k, p, SessionState::Ended)),
         )
         .route(
             "/api/realtime/analytics/project/{project_id}/writing",
@@ -93,9 +98,16 @@ fn redis_err(e: redis::RedisError) -> Problem {
     dependency_failed("redis", e)
 }
 
-async fn publish_event(api: &WritingApi, event: Event) -> Result<u64, Problem> {
+/// Publishes `event` (`what` names it in errors): `413` when it is larger than NATS
+/// accepts, `503 outcome_unknown` with the attempt's retry id when the ack did not come.
+async fn publish_event(
+    api: &WritingApi,
+    event: Event,
+    attempt: &Attempt,
+    what: &str,
+) -> Result<u64, Problem> {
     let payload = Bytes::from(serde_json::to_vec(&event).expect("events serialize"));
-    let published = publish(
+    let published = publish_acked(
         &api.app.js,
         Outgoing {
             subject: event.subject(),
@@ -104,12 +116,14 @@ async fn publish_event(api: &WritingApi, event: Event) -> Result<u64, Problem> {
         },
     )
     .await
-    .map_err(|e| dependency_failed("nats", e))?;
+    .map_err(|e| attempt.publish_problem(&e, what))?;
     Ok(published.sequence)
 }
 
-fn event(caller: &Caller, session: &Session, event_type: &str, data: Value) -> Event {
-    let mut b = Event::builder(Category::Writing, event_type, caller.user_id.clone())
+/// An event for `session`, by its owner (also when the service role acts for the owner: the
+/// tracker applies only the owner's events), stamped with the server's clock.
+fn event(session: &Session, event_type: &str, data: Value) -> Event {
+    let mut b = Event::builder(Category::Writing, event_type, session.user_id.clone())
         .data(data)
         .source(SOURCE);
     if let Some(p) = &session.project_id {
@@ -147,6 +161,7 @@ fn owner_only(caller: &Caller, s: &Session) -> Result<(), Problem> {
 async fn start(
     State(api): State<WritingApi>,
     caller: Caller,
+    key: IdempotencyKey,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Problem> {
     schemas()
@@ -187,43 +202,100 @@ async fn start(
             ));
         }
     }
-    let id = uuid::Uuid::now_v7().to_string();
-    let baseline = store::baseline(&mut redis, &caller.user_id, api.config.default_baseline_wpm)
+    let scope = Scope {
+        route: "writing.start",
+        caller: &caller.user_id,
+        target: &document,
+    };
+    let (api, caller, p, d) = (&api, &caller, &project, &document);
+    idempotent_requests::run(&api.app, scope, key, Some(&body), |attempt| async move {
+        start_session(api, caller, attempt, p.clone(), d.clone(), goal).await
+    })
+    .await
+}
+
+/// Creates the session: the id is the attempt's derived id, so a retry with the same key
+/// names the same session and its `session_started` is deduplicated.
+async fn start_session(
+    api: &WritingApi,
+    caller: &Caller,
+    attempt: Attempt,
+    project: String,
+    document: String,
+    goal: Option<u32>,
+) -> Result<Response, Problem> {
+    let mut redis = api.app.redis.clone();
+    let id = attempt.event_id.to_string();
+    // A retry of a start whose answer was lost finds its session: it is not created again
+    // (that would reset what the tracker applied since), only its start is published again.
+    let existing = store::load(&mut redis, &id)
         .await
-        .map_err(redis_err)?;
-    let session = Session::new(
-        &id,
-        &caller.user_id,
-        Some(project),
-        Some(document),
-        goal,
-        now_ms(),
-        baseline,
-    );
+        .map_err(redis_err)?
+        .map(|l| l.session);
+    let session = match existing {
+        Some(s) => s,
+        None => {
+            let baseline =
+                store::baseline(&mut redis, &caller.user_id, api.config.default_baseline_wpm)
+                    .await
+                    .map_err(redis_err)?;
+            let mut session = Session::new(
+                &id,
+                &caller.user_id,
+                Some(project),
+                Some(document),
+                goal,
+                now_ms(),
+                baseline,
+            );
+            // The writer's zone decides which local day the session's words count for; the
+            // tracker learns it from session_started.
+            session.time_zone = redis
+                .hget(store::preferences_key(&caller.user_id), "timeZone")
+                .await
+                .map_err(redis_err)?;
+            // The projection exists as soon as the answer is sent; the tracker creates the
+            // same one from the event (and does, on replay).
+            store::save(&mut redis, &session, 0, &api.config, 0, "")
+                .await
+                .map_err(redis_err)?;
+            session
+        }
+    };
     let mut data = json!({"sessionId": id});
-    if let Some(g) = goal {
+    if let Some(g) = session.goal_words {
         data["goalWords"] = json!(g);
     }
-    let mut ev = event(&caller, &session, "session_started", data);
+    if let Some(tz) = &session.time_zone {
+        data["timeZone"] = json!(tz);
+    }
+    let mut ev = event(&session, "session_started", data);
+    ev.id = attempt.event_id;
     ev.timestamp =
         OffsetDateTime::from_unix_timestamp_nanos(session.started_ms as i128 * 1_000_000)
             .unwrap_or(ev.timestamp);
-    // The projection exists as soon as the answer is sent; the tracker creates the same one
-    // from the event (and does, on replay).
-    store::save(&mut redis, &session, 0, &api.config, 0, "")
-        .await
-        .map_err(redis_err)?;
-    publish_event(&api, ev).await?;
+    publish_event(api, ev, &attempt, "the session start").await?;
     Ok((StatusCode::CREATED, Json(session.metrics(now_ms()))).into_response())
 }
 
 async fn keystroke(
     State(api): State<WritingApi>,
     caller: Caller,
+    key: IdempotencyKey,
     Path(id): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Problem> {
-    let session = load(&api, &id).await?;
+    // The session and whether its end was accepted, in one round trip (keystrokes are the
+    // busiest write).
+    let (session, ending) = if is_valid_id(&id) {
+        store::load_for_input(&mut api.app.redis.clone(), &id)
+            .await
+            .map_err(redis_err)?
+    } else {
+        (None, false)
+    };
+    let session =
+        session.ok_or_else(|| Problem::not_found(format!("no writing session {id:?}")))?;
     owner_only(&caller, &session)?;
     schemas()
         .validate("api/writing-keystroke-request.json", &body)
@@ -239,75 +311,147 @@ async fn keystroke(
             "client timestamp is more than 5 minutes in the future",
         )]));
     }
-    if session.state == SessionState::Ended {
-        return Err(Problem::conflict(
-            "session_ended",
-            format!("session {id:?} has ended"),
-        ));
-    }
-    let mut data = body;
-    data["sessionId"] = json!(id);
-    let seq = publish_event(&api, event(&caller, &session, "keystroke", data)).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"sessionId": id, "sequence": seq})),
-    )
-        .into_response())
+    let scope = Scope {
+        route: "writing.keystroke",
+        caller: &caller.user_id,
+        target: &id,
+    };
+    let (api, session, id, batch) = (&api, &session, &id, &body);
+    idempotent_requests::run(&api.app, scope, key, Some(&body), |attempt| async move {
+        // After an unknown outcome the batch may be applied and the session ended since;
+        // the retry is deduplicated, so it is not refused.
+        if session.state == SessionState::Ended && !attempt.after_unknown {
+            return Err(Problem::conflict(
+                "session_ended",
+                format!("session {id:?} has ended"),
+            ));
+        }
+        // Once an end was accepted, the tracker would ignore later input: refuse it here
+        // instead of answering 202 for nothing.
+        if ending && !attempt.after_unknown {
+            return Err(Problem::conflict(
+                "session_ended",
+                format!("session {id:?} is ending"),
+            ));
+        }
+        let mut data = batch.clone();
+        data["sessionId"] = json!(id);
+        let mut ev = event(session, "keystroke", data);
+        ev.id = attempt.event_id;
+        let seq = publish_event(api, ev, &attempt, "the keystroke batch").await?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"sessionId": id, "sequence": seq})),
+        )
+            .into_response())
+    })
+    .await
 }
 
 async fn request(
     State(api): State<WritingApi>,
     caller: Caller,
+    key: IdempotencyKey,
     Path(id): Path<String>,
     to: SessionState,
 ) -> Result<Response, Problem> {
     let session = load(&api, &id).await?;
     owner_only(&caller, &session)?;
-    let verb = match to {
-        SessionState::Paused => "pause",
-        SessionState::Ended => "end",
-        _ => "resume",
+    let (verb, route) = match to {
+        SessionState::Paused => ("pause", "writing.pause"),
+        SessionState::Ended => ("end", "writing.end"),
+        _ => ("resume", "writing.resume"),
     };
+    let scope = Scope {
+        route,
+        caller: &caller.user_id,
+        target: &id,
+    };
+    let (api, session, id) = (&api, &session, &id);
+    idempotent_requests::run(&api.app, scope, key, None, |attempt| async move {
+        transition(api, session, id, to, verb, attempt).await
+    })
+    .await
+}
+
+/// Asks the tracker for a transition (checked against the current state first).
+async fn transition(
+    api: &WritingApi,
+    session: &Session,
+    id: &str,
+    to: SessionState,
+    verb: &str,
+    attempt: Attempt,
+) -> Result<Response, Problem> {
     let effective = match (session.state, to) {
         (SessionState::Break, SessionState::ActiveWriting) => SessionState::WarmingUp,
         (SessionState::Paused, SessionState::ActiveWriting) => SessionState::ActiveWriting,
         (s, SessionState::ActiveWriting) if s != SessionState::Paused => s,
         (_, t) => t,
     };
-    if !allowed(session.state, effective)
-        || (to == SessionState::ActiveWriting
-            && !matches!(session.state, SessionState::Paused | SessionState::Break))
+    // After an unknown outcome the transition may be applied already; the retry publishes
+    // the same event id (deduplicated), and the tracker ignores a transition its state no
+    // longer allows.
+    if !attempt.after_unknown
+        && (!allowed(session.state, effective)
+            || (to == SessionState::ActiveWriting
+                && !matches!(session.state, SessionState::Paused | SessionState::Break)))
     {
         return Err(Problem::conflict(
             "invalid_transition",
             format!("cannot {verb} a session that is {}", session.state.as_str()),
         ));
     }
+    let event_id = attempt.event_id.to_string();
     if to == SessionState::Ended {
         // Ending is final: the second request is refused even before the tracker applied
-        // the first.
+        // the first. The marker holds the end's event id, so a retry of the same end
+        // (same Idempotency-Key) is not "a second request".
         let mut redis = api.app.redis.clone();
-        let first: bool = redis
-            .set_nx(store::end_requested_key(&id), 1)
+        let first: bool = redis::cmd("SET")
+            .arg(store::end_requested_key(id))
+            .arg(&event_id)
+            .arg("NX")
+            .arg("EX")
+            .arg(48 * 3600)
+            .query_async::<Option<String>>(&mut redis)
             .await
-            .map_err(redis_err)?;
+            .map_err(redis_err)?
+            .is_some();
         if !first {
-            return Err(Problem::conflict(
-                "invalid_transition",
-                format!("session {id:?} is already ending"),
-            ));
+            let marker: Option<String> = redis
+                .get(store::end_requested_key(id))
+                .await
+                .map_err(redis_err)?;
+            if marker.as_deref() != Some(event_id.as_str()) {
+                return Err(Problem::conflict(
+                    "invalid_transition",
+                    format!("session {id:?} is already ending"),
+                ));
+            }
         }
-        let _: () = redis
-            .expire(store::end_requested_key(&id), 48 * 3600)
-            .await
-            .map_err(redis_err)?;
     }
     let data = json!({"sessionId": id, "from": session.state, "to": to, "reason": "user"});
-    let seq = publish_event(
-        &api,
-        event(&caller, &session, "session_state_changed", data),
-    )
-    .await?;
+    let mut ev = event(session, "session_state_changed", data);
+    ev.id = attempt.event_id;
+    let published = publish_event(api, ev, &attempt, &format!("the {verb} request")).await;
+    let seq = match published {
+        Ok(seq) => seq,
+        Err(problem) => {
+            if to == SessionState::Ended && problem.code != OUTCOME_UNKNOWN {
+                // Nothing was published: the session is not ending after all.
+                let mut redis = api.app.redis.clone();
+                let _: Result<i64, _> = redis::Script::new(
+                    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                )
+                .key(store::end_requested_key(id))
+                .arg(&event_id)
+                .invoke_async(&mut redis)
+                .await;
+            }
+            return Err(problem);
+        }
+    };
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"sessionId": id, "requested": to, "sequence": seq})),

@@ -4,6 +4,9 @@
 //!
 //! Events reach the stream validated against their schemas (API and events API), so the
 //! types here are the schemas' types; anything else fails to parse and is dead-lettered.
+//! The schemas bound every integer the tracker reads to `u32`, and the edge spells integers
+//! as integers; a property test (`tests/edge_rules.rs`) checks that every event the edge
+//! accepts parses here.
 //!
 //! [`Event`]: inkwire_shared::events::Event
 
@@ -69,7 +72,32 @@ pub struct InputMetadata {
     pub correlation_id: Option<String>,
 }
 
+/// The event types the tracker applies (requests); every other writing event is a fact it
+/// produced, or a back end did, and it leaves them alone.
+pub const COMMANDS: [&str; 3] = ["session_started", "keystroke", "session_state_changed"];
+
 impl Input {
+    pub fn is_command(&self) -> bool {
+        COMMANDS.contains(&self.event_type.as_str())
+    }
+
+    /// Replaces the event's time by `stored` (when JetStream stored it) if the two are more
+    /// than `skew` apart. The writing API stamps events with the server's clock; this keeps
+    /// anything else that reaches the stream (a publisher on NATS with a wrong clock) from
+    /// moving session times, local days and streaks. The scheduler's requests are the
+    /// exception for the past: they carry the time a transition became due, computed from
+    /// the session's own times, which is legitimately old when the scheduler runs late (and
+    /// `requested` applies one only if it is exactly the transition due at that time).
+    pub fn trust_clock(&mut self, stored: OffsetDateTime, skew: std::time::Duration) {
+        let ahead = self.timestamp - stored;
+        let scheduled = self.metadata.source.as_deref() == Some(crate::scheduler::SOURCE)
+            && self.event_type == "session_state_changed";
+        if ahead > skew || (-ahead > skew && !scheduled) {
+            tracing::warn!(id = %self.id, timestamp = %self.timestamp, %stored, "event time far from the stored time; using the stored time");
+            self.timestamp = stored;
+        }
+    }
+
     pub fn session_id(&self) -> Option<&str> {
         self.data.session_id.as_deref()
     }
@@ -152,5 +180,33 @@ mod tests {
         assert_eq!(i.to_state(), Some(SessionState::Break));
         assert_eq!(i.from_state(), Some(SessionState::Paused));
         assert_eq!(i.reason(), Reason::Inactivity);
+    }
+
+    #[test]
+    fn a_far_off_event_time_gives_way_to_the_stored_time() {
+        let skew = std::time::Duration::from_secs(300);
+        let stored = OffsetDateTime::now_utc();
+        let input = |at: OffsetDateTime, source: &str| {
+            let e = Event::builder(Category::Writing, "session_state_changed", "u-1")
+                .timestamp(at)
+                .source(source)
+                .data(json!({"sessionId": "s-1", "to": "paused", "reason": "inactivity"}))
+                .build();
+            serde_json::from_slice::<Input>(&serde_json::to_vec(&e).unwrap()).unwrap()
+        };
+        let hour = time::Duration::hours(1);
+        for (at, source, kept) in [
+            (stored + time::Duration::minutes(4), "api", true),
+            (stored + hour, "api", false),
+            (stored - hour, "api", false),
+            // The scheduler asks late for what was due earlier; never for the future.
+            (stored - hour, crate::scheduler::SOURCE, true),
+            (stored + hour, crate::scheduler::SOURCE, false),
+        ] {
+            let mut i = input(at, source);
+            i.trust_clock(stored, skew);
+            let expected = if kept { at } else { stored };
+            assert_eq!(i.timestamp, expected, "{source} at {at}");
+        }
     }
 }

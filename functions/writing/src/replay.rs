@@ -94,6 +94,8 @@ pub async fn replay(
                     payload: m.payload.clone(),
                     stream_sequence: m.sequence,
                     deliveries: 1,
+                    // The stored time, as the live tracker saw it: a replay is exact.
+                    published: Some(m.published),
                 })
                 .collect();
             for (m, outcome) in chunk.iter().zip(tracker.handle_batch(deliveries).await) {

@@ -33,9 +33,9 @@ pub async fn tick(
     cfg: &TrackerConfig,
 ) -> anyhow::Result<usize> {
     let now = now_ms();
-    let ids = store::claim_due(redis, now, 500, 10_000).await?;
+    let leases = store::due_queue().claim(redis, now, 500, 10_000).await?;
     let mut published = 0;
-    for id in ids {
+    for id in leases.into_iter().map(|l| l.member) {
         let Some(loaded) = store::load(redis, &id).await? else {
             continue;
         };

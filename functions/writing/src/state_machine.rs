@@ -115,6 +115,9 @@ pub struct TrackerConfig {
     /// The tracker saves changed sessions at least this often (write-behind: messages are
     /// acknowledged after the save that covers them).
     pub flush_interval: Duration,
+    /// An event time further than this from the time JetStream stored the event is replaced
+    /// by the stored time (`INKWIRE_MAX_CLOCK_SKEW`, as on the events API).
+    pub max_clock_skew: Duration,
 }
 
 impl Default for TrackerConfig {
@@ -133,6 +136,7 @@ impl Default for TrackerConfig {
             default_baseline_wpm: 19.0,
             live_interval: Duration::from_secs(1),
             flush_interval: Duration::from_millis(200),
+            max_clock_skew: inkwire_shared::config::DEFAULT_MAX_CLOCK_SKEW,
         }
     }
 }
@@ -142,7 +146,7 @@ impl TrackerConfig {
     pub fn from_env() -> Result<TrackerConfig, inkwire_shared::config::ConfigError> {
         use inkwire_shared::config::{ConfigError, parse_duration};
         let mut c = TrackerConfig::default();
-        let durations: [(&'static str, &mut Duration); 9] = [
+        let durations: [(&'static str, &mut Duration); 10] = [
             ("INKWIRE_WRITING_PAUSE_AFTER", &mut c.pause_after),
             ("INKWIRE_WRITING_BREAK_AFTER", &mut c.break_after),
             ("INKWIRE_WRITING_END_AFTER_BREAK", &mut c.end_after_break),
@@ -152,6 +156,7 @@ impl TrackerConfig {
             ("INKWIRE_WRITING_FLOW_WINDOW", &mut c.flow_window),
             ("INKWIRE_WRITING_LIVE_INTERVAL", &mut c.live_interval),
             ("INKWIRE_WRITING_FLUSH_INTERVAL", &mut c.flush_interval),
+            ("INKWIRE_MAX_CLOCK_SKEW", &mut c.max_clock_skew),
         ];
         for (name, slot) in durations {
             if let Ok(v) = std::env::var(name) {

@@ -3,7 +3,8 @@
 //! - `inkwire:writing:session:{id}`: the session (JSON), kept a day after it ends;
 //! - `inkwire:writing:user:{u}:active`, `inkwire:writing:project:{p}:active`: open sessions;
 //! - `inkwire:writing:due`: sorted set of sessions by the time their next time-driven
-//!   transition falls due (the scheduler's queue);
+//!   transition falls due (the scheduler's queue, a `shared::due_queue::DueQueue`), and
+//!   `inkwire:writing:due:lease:{id}` while the scheduler holds a lease on a session;
 //! - `inkwire:writing:user:{u}:days`, `inkwire:writing:project:{p}:days`: words per day;
 //! - `inkwire:writing:user:{u}:baseline`: the writer's baseline WPM;
 //! - `inkwire:writing:session:{id}:outbox`: derived events saved with the session and not
@@ -12,6 +13,7 @@
 //! Sessions are saved with an optimistic version check, so two tracker instances can never
 //! overwrite each other's update.
 
+use inkwire_shared::due_queue::DueQueue;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
@@ -99,6 +101,20 @@ pub async fn load(redis: &mut ConnectionManager, id: &str) -> redis::RedisResult
     Ok(load_many(redis, &[id]).await?.pop().flatten())
 }
 
+/// A session (without its outbox) and whether its end was requested, in one round trip:
+/// what the writing API checks before it accepts input.
+pub async fn load_for_input(
+    redis: &mut ConnectionManager,
+    id: &str,
+) -> redis::RedisResult<(Option<Session>, bool)> {
+    let (json, ending): (Option<String>, bool) = redis::pipe()
+        .get(session_key(id))
+        .exists(end_requested_key(id))
+        .query_async(redis)
+        .await?;
+    Ok((json.and_then(|j| serde_json::from_str(&j).ok()), ending))
+}
+
 /// Loads several sessions in one round trip (`None` for the ones that do not exist).
 pub async fn load_many(
     redis: &mut ConnectionManager,
@@ -149,12 +165,13 @@ local id, ended, due_at = ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
 if ended then
   redis.call('EXPIRE', key, ARGV[6]) redis.call('EXPIRE', meta, ARGV[6])
   redis.call('SREM', KEYS[4], id) if KEYS[5] ~= '' then redis.call('SREM', KEYS[5], id) end
-  redis.call('ZREM', due, id)
+  redis.call('ZREM', due, id) redis.call('DEL', KEYS[9])
 else
   if ARGV[7] == '1' then
     redis.call('SADD', KEYS[4], id) if KEYS[5] ~= '' then redis.call('SADD', KEYS[5], id) end
   end
   if due_at > 0 then redis.call('ZADD', due, due_at, id) else redis.call('ZREM', due, id) end
+  redis.call('DEL', KEYS[9])
 end
 local days = tonumber(ARGV[8])
 for i = 9, 8 + 2 * days, 2 do
@@ -200,7 +217,7 @@ pub fn save_cmd(
     let days: Vec<(&String, &i64)> = day_words.iter().filter(|(_, w)| **w != 0).collect();
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(save_script().get_hash())
-        .arg(8)
+        .arg(9)
         .arg(&key)
         .arg(meta_key(&session.id))
         .arg(DUE_KEY)
@@ -209,6 +226,7 @@ pub fn save_cmd(
         .arg(user_days_key(&session.user_id))
         .arg(project.map(project_days_key).unwrap_or_default())
         .arg(outbox_key(&session.id))
+        .arg(due_queue().lease_key(&session.id))
         .arg(version)
         .arg(serde_json::to_vec(session).expect("sessions serialize"))
         .arg(&session.id)
@@ -285,26 +303,10 @@ pub async fn active(
     Ok(ids)
 }
 
-/// Claims up to `limit` sessions whose next transition is due at `now_ms`: their score is
-/// pushed `lease_ms` ahead, so another scheduler instance does not take them meanwhile and
-/// a crashed one's claims come back.
-const CLAIM_DUE: &str = r#"
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
-return ids
-"#;
-
-pub async fn claim_due(
-    redis: &mut ConnectionManager,
-    now_ms: u64,
-    limit: usize,
-    lease_ms: u64,
-) -> redis::RedisResult<Vec<String>> {
-    redis::Script::new(CLAIM_DUE)
-        .key(DUE_KEY)
-        .arg(now_ms)
-        .arg(limit)
-        .arg(now_ms + lease_ms)
-        .invoke_async(redis)
-        .await
+/// The scheduler's queue: sessions by the time their next transition falls due, claimed with
+/// a lease so that several scheduler instances never ask twice at once and a crashed one's
+/// claims come back. The save script writes the same sorted set directly (a save reschedules
+/// the session and ends any lease on it, as [`DueQueue::schedule`] does).
+pub fn due_queue() -> DueQueue {
+    DueQueue::new(DUE_KEY)
 }

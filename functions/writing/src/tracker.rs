@@ -5,8 +5,12 @@
 //!
 //! It applies the events that *request* something — `session_started`, `keystroke`, and
 //! `session_state_changed` from the API (reason `user`) or the scheduler (time-driven) — and
-//! ignores the ones it emitted itself (`metadata.source = "tracker"`). The projection is thus
-//! a function of the stream alone, which is what makes `inkwire replay writing` exact.
+//! acknowledges every other writing event without applying it (the ones it emitted itself,
+//! `metadata.source = "tracker"`, and the same types published by a back end). The
+//! projection is thus a function of the stream alone, which is what makes `inkwire replay
+//! writing` exact. An event time further than `max_clock_skew` from the time JetStream
+//! stored the message is replaced by the stored time (see [`Input::trust_clock`]): a
+//! publisher's clock does not drive session times, local days or streaks.
 //!
 //! Write-behind: sessions stay in memory while they are in use; input is applied there and
 //! each changed session is saved once per flush (every `flush_interval`, 200 ms by default),
@@ -280,7 +284,7 @@ impl Tracker {
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(deliveries.len());
         let mut parsed: Vec<Option<(Input, u64, Bytes)>> = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            let event: Input = match serde_json::from_slice(&d.payload) {
+            let mut event: Input = match serde_json::from_slice(&d.payload) {
                 Ok(e) => e,
                 Err(e) => {
                     verdicts.push(Verdict::Failed(HandlerError::Permanent(format!(
@@ -290,10 +294,15 @@ impl Tracker {
                     continue;
                 }
             };
-            if event.metadata.source.as_deref() == Some(SOURCE) {
+            // Only commands move a session; the events the tracker (or a back end) produces
+            // are facts for others to read, whoever published them, and need no session.
+            if event.metadata.source.as_deref() == Some(SOURCE) || !event.is_command() {
                 verdicts.push(Verdict::Done);
                 parsed.push(None);
                 continue;
+            }
+            if let Some(stored) = d.published {
+                event.trust_clock(stored, self.config.max_clock_skew);
             }
             if event.session_id().is_none() {
                 verdicts.push(Verdict::Failed(HandlerError::Permanent(

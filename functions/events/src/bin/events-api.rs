@@ -12,5 +12,7 @@ use inkwire_shared::{AppState, http};
 async fn main() -> anyhow::Result<()> {
     let state = AppState::start_from_env("inkwire-events").await?;
     let addr = state.config.http_addr;
-    http::serve(inkwire_events::app(state), addr, http::shutdown_signal()).await
+    let cors = inkwire_shared::origins::cors_layer(&state.config.allowed_origins);
+    let router = inkwire_events::app(state).layer(cors);
+    http::serve(router, addr, http::shutdown_signal()).await
 }

@@ -18,11 +18,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
 use inkwire_relay::RelayConfig;
+use inkwire_shared::AppState;
 use inkwire_shared::auth::JwtKeys;
 use inkwire_shared::channels::{self, Channel, MessageType};
-use inkwire_shared::consumer::ShutdownTrigger;
 use inkwire_shared::membership::{self, ProjectRole};
-use inkwire_shared::{AppState, http};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -134,8 +133,9 @@ fn rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// Small buffers for idle connections, as the relay uses.
-fn ws_config() -> WebSocketConfig {
+/// Small buffers for idle connections, as the relay uses (the default 128 KiB read buffer is
+/// zeroed on every read, which costs a bench client more than parsing its frames).
+pub(super) fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
@@ -153,6 +153,14 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     )
     .await?;
     let state = bench.state.clone();
+    // A project always has an owner first.
+    membership::set_member(
+        &mut state.redis.clone(),
+        PROJECT,
+        "bench-owner",
+        Some(ProjectRole::Owner),
+    )
+    .await?;
     let users: Vec<String> = (0..args.connections)
         .map(|i| format!("{USER_PREFIX}{i}"))
         .collect();
@@ -410,7 +418,6 @@ async fn scenario_bare(args: &FanoutArgs) -> anyhow::Result<FanoutResult> {
 }
 
 async fn scenario_relay(args: &FanoutArgs, state: &AppState) -> anyhow::Result<FanoutResult> {
-    let (trigger, shutdown) = ShutdownTrigger::new();
     let relay_config = RelayConfig {
         max_connections_per_user: 10,
         ..RelayConfig::default()
@@ -419,15 +426,8 @@ async fn scenario_relay(args: &FanoutArgs, state: &AppState) -> anyhow::Result<F
         relay: relay_config,
         ..Default::default()
     };
-    let running = inkwire::start(state.clone(), settings, shutdown.clone()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("ws://{}/ws/collaboration", listener.local_addr()?);
-    let mut stop = shutdown.clone();
-    let server = tokio::spawn(http::serve_on(
-        listener,
-        running.router.clone(),
-        async move { stop.wait().await },
-    ));
+    let served = super::Served::start(state, settings).await?;
+    let url = format!("ws://{}/ws/collaboration", served.addr);
     let rss_before = rss_bytes();
     let (child, lines, connected) =
         start_clients(&url, args, false, &state.config.jwt_secret).await?;
@@ -454,9 +454,7 @@ async fn scenario_relay(args: &FanoutArgs, state: &AppState) -> anyhow::Result<F
     })
     .await?;
     let summary = finish_clients(child, lines).await?;
-    trigger.trigger();
-    let _ = server.await;
-    running.finished().await;
+    served.stop().await;
     Ok(result(
         "relay: NATS + auth + recovery",
         args,

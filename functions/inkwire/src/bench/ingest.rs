@@ -58,15 +58,16 @@ pub struct IngestArgs {
 const USER: &str = "bench-user";
 const PROJECT: &str = "bench-project";
 
+/// An event an editor of the project may publish (so the role check is measured too); the
+/// server stamps the time (a fixed one would leave the accepted window).
 fn envelope(n: u64) -> Value {
     json!({
         "id": uuid::Uuid::new_v4().to_string(),
-        "category": "writing",
-        "type": "word_added",
+        "category": "collaboration",
+        "type": "edit_applied",
         "userId": USER,
         "projectId": PROJECT,
-        "timestamp": "2026-11-21T10:00:00Z",
-        "data": {"sessionId": "bench-session", "words": 3, "totalWords": n},
+        "data": {"operation": "insert", "paragraph": n % 1000, "length": 3, "version": n},
         "metadata": {"source": "bench", "version": 1}
     })
 }
@@ -88,6 +89,8 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     .await?;
     let state = bench.state.clone();
     let mut redis = state.redis.clone();
+    // A project always has an owner first.
+    membership::set_member(&mut redis, PROJECT, "bench-owner", Some(ProjectRole::Owner)).await?;
     membership::set_member(&mut redis, PROJECT, USER, Some(ProjectRole::Editor)).await?;
     let token = state.jwt.issue(USER, &[], Duration::from_secs(3600));
 
@@ -182,7 +185,7 @@ async fn bench_baseline(
         }
         let event = envelope(n);
         let msg = Outgoing {
-            subject: "events.writing.word_added".into(),
+            subject: "events.collaboration.edit_applied".into(),
             msg_id: event["id"].as_str().unwrap_or_default().to_string(),
             payload: Bytes::from(serde_json::to_vec(&event)?),
         };

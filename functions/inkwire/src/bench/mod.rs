@@ -2,10 +2,12 @@
 //! report each figure beside it as a ratio, because machines (and especially shared CI
 //! machines) are noisy.
 
+mod coedit;
 mod fanout;
 mod histogram;
 mod ingest;
 mod load_client;
+mod notify;
 mod report;
 mod tracker;
 
@@ -19,6 +21,11 @@ pub enum Scenario {
     Fanout(fanout::FanoutArgs),
     /// Writing tracker: keystroke batches per second vs bare pipelined Redis; POST → live metrics latency.
     Tracker(tracker::TrackerArgs),
+    /// In-app notifications: send API → notifier → inbox → WebSocket frame, vs bare JetStream publish.
+    Notify(notify::NotifyArgs),
+    /// Co-editing: stock Yjs clients typing into shared documents, inkwire's `/ws/docs` vs the
+    /// reference `@y/websocket-server` on the same load.
+    Coedit(coedit::CoeditArgs),
     /// The client side of `fanout`, run as a separate process (internal).
     #[command(hide = true)]
     FanoutClients(fanout::ClientsArgs),
@@ -65,11 +72,52 @@ impl BenchServers {
     }
 }
 
+/// inkwire itself on a free local port, as `inkwire serve` runs it, for a benchmark to load.
+pub struct Served {
+    pub addr: std::net::SocketAddr,
+    trigger: inkwire_shared::consumer::ShutdownTrigger,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: inkwire::Running,
+}
+
+impl Served {
+    pub async fn start(
+        state: &inkwire_shared::AppState,
+        settings: inkwire::Settings,
+    ) -> anyhow::Result<Served> {
+        let (trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
+        let running = inkwire::start(state.clone(), settings, shutdown.clone()).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut stop = shutdown;
+        let server = tokio::spawn(inkwire_shared::http::serve_on(
+            listener,
+            running.router.clone(),
+            async move { stop.wait().await },
+        ));
+        Ok(Served {
+            addr,
+            trigger,
+            server,
+            running,
+        })
+    }
+
+    /// Stops the HTTP server and every background part, and waits for them.
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        let _ = self.server.await;
+        self.running.finished().await;
+    }
+}
+
 pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
     match scenario {
         Scenario::Ingest(args) => ingest::run(args).await,
         Scenario::Fanout(args) => fanout::run(args).await,
         Scenario::Tracker(args) => tracker::run(args).await,
+        Scenario::Notify(args) => notify::run(args).await,
+        Scenario::Coedit(args) => coedit::run(args).await,
         Scenario::FanoutClients(args) => fanout::clients(args).await,
     }
 }

@@ -18,7 +18,6 @@ use clap::Args;
 use futures::{SinkExt, StreamExt};
 use inkwire_shared::consumer::ShutdownTrigger;
 use inkwire_shared::events::{Category, Event};
-use inkwire_shared::http;
 use inkwire_shared::jetstream::{Outgoing, publish_windowed};
 use inkwire_shared::membership::{self, ProjectRole};
 use inkwire_writing::session::Session;
@@ -283,11 +282,12 @@ async fn latency_scenario(
     samples: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     let mut redis = state.redis.clone();
+    // A project always has an owner first.
+    membership::set_member(&mut redis, "lat-p", "lat-o", Some(ProjectRole::Owner)).await?;
     membership::set_member(&mut redis, "lat-p", "lat-u", Some(ProjectRole::Editor)).await?;
     membership::register_document(&mut redis, "lat-p", "lat-d")
         .await?
-        .map_err(anyhow::Error::msg)?;
-    let (trigger, shutdown) = ShutdownTrigger::new();
+        .map_err(|e| anyhow::anyhow!("registering the latency document: {e:?}"))?;
     let settings = inkwire::Settings {
         writing: TrackerConfig {
             live_interval: Duration::ZERO,
@@ -295,15 +295,8 @@ async fn latency_scenario(
         },
         ..Default::default()
     };
-    let running = inkwire::start(state.clone(), settings, shutdown.clone()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let mut stop = shutdown.clone();
-    let server = tokio::spawn(http::serve_on(
-        listener,
-        running.router.clone(),
-        async move { stop.wait().await },
-    ));
+    let served = super::Served::start(state, settings).await?;
+    let addr = served.addr;
     let token = state.jwt.issue("lat-u", &[], Duration::from_secs(3600));
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("ws://{addr}/ws/collaboration?token={token}"))
@@ -360,9 +353,7 @@ async fn latency_scenario(
         latencies.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    trigger.trigger();
-    let _ = server.await;
-    running.finished().await;
+    served.stop().await;
     Ok(latencies)
 }
 

@@ -16,13 +16,15 @@ async fn main() -> anyhow::Result<()> {
     let writing = TrackerConfig::from_env()?;
     let app = AppState::start_from_env("inkwire-writing-api").await?;
     let addr = app.config.http_addr;
+    let cors = inkwire_shared::origins::cors_layer(&app.config.allowed_origins);
     let health = http::health_routes().with_state(app.clone());
-    let router = http::with_fallbacks(
+    let router = http::edge(
         routes(WritingApi {
             app,
             config: Arc::new(writing),
         })
         .merge(health),
-    );
+    )
+    .layer(cors);
     http::serve(router, addr, http::shutdown_signal()).await
 }
