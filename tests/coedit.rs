@@ -1,13 +1,12 @@
 //! End-to-end tests of co-editing (issue 10) with stock npm clients (yjs 13.6, y-websocket
 //! 3.1, ws: `tests/peers`), real NATS and Redis: convergence, instances, offline edits,
-//! read-only users, awareness, idle clients, an aborted server, compaction and unloading,
+//! read-only users, awareness, idle clients, a server killed with SIGKILL, compaction and unloading,
 //! and bad frames.
 
 use std::time::Duration;
 
 use inkwire_collaboration::CoeditConfig;
 use inkwire_collaboration::storage::Store;
-use inkwire_shared::config::Config;
 use inkwire_shared::membership::ProjectRole;
 use inkwire_tests::TestEnv;
 use inkwire_tests::yjs_peer::{RawEnd, RawYjs, YjsPeer};
@@ -434,62 +433,65 @@ async fn an_idle_client_stays_connected_past_the_clients_30_second_timeout() {
     p.exit().await;
 }
 
-/// Serves co-editing in a runtime of its own, so that it can be aborted as a whole (every
-/// task dropped, sockets closed without a close frame, nothing flushed): the in-process
-/// equivalent of `kill -9`.
-struct AbortableInstance {
+/// The `coedit` server as a process of its own (`coedit-process`, the `coedit` binary's
+/// code), against the test environment's NATS and Redis, so that it can be killed with
+/// SIGKILL: no task finishes, no socket is closed cleanly, nothing is flushed.
+struct CoeditProcess {
     base: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    child: std::process::Child,
 }
 
-impl AbortableInstance {
-    fn start(config: Config, coedit: CoeditConfig) -> AbortableInstance {
-        let (base_tx, base_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let (_trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
-                let app = inkwire_shared::AppState::connect(config, "inkwire-abortable")
-                    .await
-                    .unwrap();
-                let co = inkwire_collaboration::Coedit::start(app, coedit, shutdown)
-                    .await
-                    .unwrap();
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                base_tx
-                    .send(format!("http://{}", listener.local_addr().unwrap()))
-                    .unwrap();
-                tokio::spawn(inkwire_shared::http::serve_on(
-                    listener,
-                    inkwire_collaboration::app(co),
-                    futures::future::pending::<()>(),
-                ));
-                let _ = stopped.await;
-                std::mem::forget(_trigger);
-            });
-            rt.shutdown_background();
-        });
-        AbortableInstance {
-            base: base_rx.recv().unwrap(),
-            stop: Some(stop),
-            thread: Some(thread),
+impl CoeditProcess {
+    async fn start(env: &TestEnv) -> CoeditProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_coedit-process"))
+            .env_clear()
+            .env("NATS_URL", &env.nats_url)
+            .env("REDIS_URL", &env.redis_url)
+            .env("INKWIRE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("INKWIRE_ENV", "development")
+            .env("INKWIRE_JWT_SECRET", &env.state.config.jwt_secret)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("run coedit-process");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = env.http.get(format!("{base}/readyz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "coedit-process did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        CoeditProcess { base, child }
     }
 
-    fn abort(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.thread.take().unwrap().join().unwrap();
+    /// SIGKILL, and waits until the process is gone.
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for CoeditProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 #[tokio::test]
-async fn an_aborted_server_loses_no_edit_another_client_had_received() {
+async fn a_killed_server_loses_no_edit_another_client_had_received() {
     let env = env_with(|_| {}).await;
     setup(
         &env,
@@ -500,7 +502,7 @@ async fn an_aborted_server_loses_no_edit_another_client_had_received() {
         ],
     )
     .await;
-    let mut doomed = AbortableInstance::start((*env.state.config).clone(), CoeditConfig::default());
+    let mut doomed = CoeditProcess::start(&env).await;
     let mut w = peer(&doomed.base, &env, "d-crash", "wanda").await;
     let mut r = peer(&doomed.base, &env, "d-crash", "rita").await;
     // Wanda types; mid-way the server dies, and so does she (so nothing is resent).
@@ -516,7 +518,7 @@ async fn an_aborted_server_loses_no_edit_another_client_had_received() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    doomed.abort();
+    doomed.kill();
     typing.abort();
     // What the reader had received when the server died.
     let seen = r.state().await;

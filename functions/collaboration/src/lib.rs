@@ -185,3 +185,19 @@ pub fn app(coedit: Coedit) -> Router {
     let health = inkwire_shared::http::health_routes().with_state(coedit.app.clone());
     inkwire_shared::http::edge(routes(coedit).merge(health)).layer(cors)
 }
+
+/// The `coedit` process: configuration from the environment, the endpoint and the REST API
+/// on `INKWIRE_HTTP_ADDR` until SIGINT / SIGTERM (then compacted and unloaded). The `coedit`
+/// binary is this function; the tests run it as a process of its own to kill it with SIGKILL.
+pub async fn serve_from_env() -> anyhow::Result<()> {
+    let config = CoeditConfig::from_env()?;
+    let app = AppState::start_from_env("inkwire-coedit").await?;
+    let addr = app.config.http_addr;
+    let (trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
+    let coedit = Coedit::start(app, config, shutdown).await?;
+    inkwire_shared::http::serve(self::app(coedit), addr, async move {
+        inkwire_shared::http::shutdown_signal().await;
+        trigger.trigger();
+    })
+    .await
+}

@@ -5,21 +5,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use inkwire_collaboration::{Coedit, CoeditConfig};
-use inkwire_shared::consumer::ShutdownTrigger;
-use inkwire_shared::{AppState, http};
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = CoeditConfig::from_env()?;
-    let app = AppState::start_from_env("inkwire-coedit").await?;
-    let addr = app.config.http_addr;
-    let (trigger, shutdown) = ShutdownTrigger::new();
-    let coedit = Coedit::start(app, config, shutdown).await?;
-    let router = inkwire_collaboration::app(coedit);
-    http::serve(router, addr, async move {
-        http::shutdown_signal().await;
-        trigger.trigger();
-    })
-    .await
+    inkwire_collaboration::serve_from_env().await
 }
