@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use inkwire_notifications::delivery_log::{self, AttemptInfo};
 use inkwire_notifications::model::{DeliveryChannel, DeliveryStatus};
-use inkwire_notifications::send::Notification;
+use inkwire_notifications::send::{Notification, notifications_of};
 use inkwire_shared::jetstream::read_stream;
 use inkwire_shared::membership::ProjectRole;
 use inkwire_tests::{TestEnv, json};
@@ -36,10 +36,16 @@ async fn jobs(env: &TestEnv) -> Vec<(String, Notification)> {
     .unwrap();
     let mut out = Vec::new();
     for s in stored {
-        let n: Notification = serde_json::from_slice(&s.payload).unwrap();
-        out.push((n.subject(), n));
+        for n in notifications_of(&s.subject, &s.payload).unwrap() {
+            out.push((s.subject.clone(), n));
+        }
     }
     out
+}
+
+/// How many recipients' notifications NOTIFY holds (a bulk job holds several).
+async fn job_count(env: &TestEnv) -> u64 {
+    jobs(env).await.len() as u64
 }
 
 async fn send_keyed(
@@ -105,8 +111,13 @@ async fn a_send_publishes_one_rendered_job_per_recipient() {
     );
     let stored = jobs(&env).await;
     assert_eq!(stored.len(), 3);
+    // Several recipients: one bulk job, stored once, on the subject of the send's event.
+    assert_eq!(env.stream_messages("NOTIFY").await, 1);
+    let bulk = &stored[0].0;
+    assert!(bulk.starts_with("notify.send.bulk."), "{bulk}");
     for ((subject, n), (user, id)) in stored.iter().zip(&sent) {
-        assert_eq!(subject, &format!("notify.send.{user}"));
+        assert_eq!(subject, bulk);
+        assert_eq!(n.push.as_ref().unwrap().data["notificationId"], json!(id));
         assert_eq!(&n.user_id, user);
         assert_eq!(&n.id.to_string(), id);
         assert_eq!(n.title, "<Winter & Light> is published");
@@ -162,11 +173,15 @@ async fn bulk_sends_take_1000_recipients_and_refuse_1001() {
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     assert_eq!(ids_of(&answer).len(), 1000);
-    assert_eq!(env.stream_messages("NOTIFY").await, 1000);
+    assert_eq!(job_count(&env).await, 1000);
     let stored = jobs(&env).await;
-    let subjects: BTreeSet<_> = stored.iter().map(|(s, _)| s.clone()).collect();
-    assert_eq!(subjects.len(), 1000);
-    assert!(subjects.contains("notify.send.u-999"));
+    let recipients: BTreeSet<_> = stored.iter().map(|(_, n)| n.user_id.clone()).collect();
+    assert_eq!(recipients.len(), 1000);
+    assert!(recipients.contains("u-999"));
+    // One stored message for the whole send.
+    assert_eq!(env.stream_messages("NOTIFY").await, 1);
+    let ids: BTreeSet<_> = stored.iter().map(|(_, n)| n.id).collect();
+    assert_eq!(ids.len(), 1000);
 
     let users: Vec<String> = (0..1001).map(|i| format!("u-{i}")).collect();
     let (status, problem, _) = send_keyed(
@@ -180,7 +195,7 @@ async fn bulk_sends_take_1000_recipients_and_refuse_1001() {
     assert_eq!(problem["code"], "validation_failed");
     assert_eq!(problem["errors"][0]["pointer"], "/userIds");
     assert_eq!(problem["errors"][0]["rule"], "maxItems");
-    assert_eq!(env.stream_messages("NOTIFY").await, 1000);
+    assert_eq!(job_count(&env).await, 1000);
 }
 
 #[tokio::test]
@@ -196,7 +211,7 @@ async fn the_same_key_sends_once_and_a_different_body_is_a_conflict() {
     assert_eq!(s2, StatusCode::ACCEPTED, "{a2}");
     assert_eq!(h2["idempotent-replayed"], "true");
     assert_eq!(ids_of(&a1), ids_of(&a2));
-    assert_eq!(env.stream_messages("NOTIFY").await, 2);
+    assert_eq!(job_count(&env).await, 2);
     // The body's idempotencyKey is the same key.
     let mut with_id = body.clone();
     with_id["idempotencyKey"] = json!("send-2");
@@ -205,7 +220,7 @@ async fn the_same_key_sends_once_and_a_different_body_is_a_conflict() {
     assert_eq!((s3, s4), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
     assert_eq!(ids_of(&a3), ids_of(&a4));
     assert_ne!(ids_of(&a1), ids_of(&a3));
-    assert_eq!(env.stream_messages("NOTIFY").await, 4);
+    assert_eq!(job_count(&env).await, 4);
     // Same key, different body.
     let mut other = body.clone();
     other["body"] = json!("Hello");
@@ -221,7 +236,7 @@ async fn the_same_key_sends_once_and_a_different_body_is_a_conflict() {
     let (_, a5, _) = send_keyed(&env, &svc, None, &body).await;
     let (_, a6, _) = send_keyed(&env, &svc, None, &body).await;
     assert_ne!(ids_of(&a5), ids_of(&a6));
-    assert_eq!(env.stream_messages("NOTIFY").await, 8);
+    assert_eq!(job_count(&env).await, 8);
 }
 
 #[tokio::test]
@@ -286,7 +301,7 @@ async fn bad_sends_are_refused_with_what_is_wrong_and_publish_nothing() {
     let (status, problem, _) = send_keyed(&env, &svc, None, &unknown).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
     assert_eq!(problem["code"], "unknown_template");
-    assert_eq!(env.stream_messages("NOTIFY").await, 0);
+    assert_eq!(job_count(&env).await, 0);
     // The same send with the variable goes out.
     let mut ok = templated.clone();
     ok["data"]["name"] = json!("Ada");
@@ -351,7 +366,7 @@ async fn who_may_send_to_whom() {
     let (_, problem, _) = send_keyed(&env, &olga, None, &body(&["rita", "zed"], Some("p-1"))).await;
     assert_eq!(problem["userId"], "zed", "{problem}");
     assert!(problem["detail"].as_str().unwrap().contains("\"zed\""));
-    assert_eq!(env.stream_messages("NOTIFY").await, published);
+    assert_eq!(job_count(&env).await, published);
     // No token at all.
     let (status, _) = env.post(SEND, "", &body(&["rita"], None)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -644,7 +659,11 @@ async fn an_unacknowledged_send_lists_every_recipient_and_its_retry_publishes_on
         .map(|i| i["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(retried, first);
-    assert_eq!(env.stream_messages("NOTIFY").await, 50);
+    assert_eq!(job_count(&env).await, 50);
+    // One bulk job: every recipient had the same outcome, and it is stored once.
+    let outcomes: BTreeSet<_> = items.iter().map(|i| i["outcome"].to_string()).collect();
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(env.stream_messages("NOTIFY").await, 1);
 }
 
 const PREFERENCES: &str = "/api/realtime/notifications/preferences";

@@ -1060,3 +1060,142 @@ async fn a_redelivered_send_changes_nothing_and_a_malformed_one_is_dead_lettered
     assert_eq!(inbox_size(&env, "someone-else").await, (0, 0));
     assert_eq!(inbox_size(&env, "rex").await, (1, 1));
 }
+
+#[tokio::test]
+async fn a_bulk_send_decides_per_recipient_and_a_redelivered_job_changes_nothing() {
+    // A short duplicate window, so that JetStream does not hide a second copy of the job.
+    let env =
+        TestEnv::start_settings(|c| c.duplicate_window = Duration::from_secs(1), settings).await;
+    // Ann has an email address, Bob switched chat email off, Cy has no address at all.
+    set_prefs(
+        &env,
+        "ann",
+        json!({"quietHours": {"enabled": false}, "contacts": {"email": "ann@example.com"}}),
+    )
+    .await;
+    set_prefs(
+        &env,
+        "bob",
+        json!({"quietHours": {"enabled": false},
+            "categories": {"chat": {"channels": {"email": false}}},
+            "contacts": {"email": "bob@example.com"}}),
+    )
+    .await;
+    set_prefs(&env, "cy", json!({"quietHours": {"enabled": false}})).await;
+    let mut bob = WsClient::connect(&env.ws_url("notifications", &env.token("bob"))).await;
+    assert_eq!(bob.next().await["op"], "subscribed");
+    let ids = send(
+        &env,
+        json!({"userIds": ["ann", "bob", "cy"], "category": "chat", "priority": "high",
+            "title": "New message", "body": "Hi all"}),
+    )
+    .await;
+    settled(&env).await;
+    let bulk = read_stream(
+        &env.state.js,
+        "NOTIFY",
+        "notify.send.>".into(),
+        DeliverPolicy::All,
+        10,
+    )
+    .await
+    .unwrap();
+    assert_eq!(bulk.len(), 1, "one job for the three recipients");
+    assert!(bulk[0].subject.starts_with("notify.send.bulk."));
+
+    check_bulk(&env, &ids).await;
+    let frame = loop {
+        let frame = bob.next().await;
+        if frame["type"] == "notification" {
+            break frame;
+        }
+    };
+    assert_eq!(frame["data"]["unreadCount"], 1, "{frame}");
+    assert_eq!(
+        frame["data"]["notification"]["id"],
+        json!(ids[1]),
+        "{frame}"
+    );
+
+    // The same job again under another id, past the duplicate window (as a producer
+    // retrying would): nothing changes, nothing is published twice.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    publish(
+        &env.state.js,
+        Outgoing {
+            subject: bulk[0].subject.clone(),
+            msg_id: "bulk-copy".into(),
+            payload: bulk[0].payload.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    settled(&env).await;
+    check_bulk(&env, &ids).await;
+
+    // A job whose recipients are not ids, and one on another event's subject: dead-lettered
+    // whole, nobody notified.
+    let mut bad = serde_json::from_slice::<Value>(&bulk[0].payload).unwrap();
+    bad["recipients"] = json!(["dan", "not an id"]);
+    let other = format!("notify.send.bulk.{}", Uuid::now_v7());
+    for (msg_id, subject, payload) in [
+        (
+            "bad-1",
+            bulk[0].subject.clone(),
+            serde_json::to_vec(&bad).unwrap(),
+        ),
+        ("bad-2", other, bulk[0].payload.to_vec()),
+    ] {
+        publish(
+            &env.state.js,
+            Outgoing {
+                subject,
+                msg_id: msg_id.into(),
+                payload: payload.into(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    eventually("two dead letters", Duration::from_secs(10), || async {
+        (env.stream_messages("DLQ").await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(inbox_size(&env, "dan").await, (0, 0));
+    check_bulk(&env, &ids).await;
+}
+
+/// What the bulk send of `a_bulk_send_decides_per_recipient…` leaves, however often its job
+/// is delivered.
+async fn check_bulk(env: &TestEnv, ids: &[Uuid]) {
+    for user in ["ann", "bob", "cy"] {
+        assert_eq!(inbox_size(env, user).await, (1, 1), "{user}");
+    }
+    assert_eq!(
+        log(env, ids[0]).await,
+        statuses(&[
+            ("in_app", "sent"),
+            ("email", "queued"),
+            ("push", "skipped_no_address")
+        ])
+    );
+    assert_eq!(
+        log(env, ids[1]).await,
+        statuses(&[
+            ("in_app", "sent"),
+            ("email", "skipped_preference"),
+            ("push", "skipped_no_address")
+        ])
+    );
+    assert_eq!(
+        log(env, ids[2]).await,
+        statuses(&[
+            ("in_app", "sent"),
+            ("email", "skipped_no_address"),
+            ("push", "skipped_no_address")
+        ])
+    );
+    assert_eq!(jobs_of(env, ids[0]).await[&DeliveryChannel::Email].len(), 1);
+    assert!(jobs_of(env, ids[1]).await.is_empty());
+    assert_eq!(env.stream_messages("EVENTS_NOTIFICATION").await, 3);
+}

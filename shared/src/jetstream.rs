@@ -467,6 +467,16 @@ pub struct PartialPublish {
 }
 
 impl PartialPublish {
+    /// The failure of one message that stood for `items` items (a bulk job for several
+    /// recipients): each item has that message's outcome.
+    pub fn for_each(self, items: usize) -> PartialPublish {
+        let outcome = self.outcomes.first().cloned().unwrap_or(Outcome::NotStored);
+        PartialPublish {
+            outcomes: vec![outcome; items],
+            error: self.error,
+        }
+    }
+
     /// How many messages had the outcome named `stored`, `unknown` or `not_stored`.
     pub fn count(&self, outcome: &str) -> usize {
         self.outcomes
@@ -513,6 +523,7 @@ pub fn publish_problem(
 /// A message read back from a stream.
 #[derive(Debug, Clone)]
 pub struct Stored {
+    pub subject: String,
     pub sequence: u64,
     pub published: time::OffsetDateTime,
     pub payload: Bytes,
@@ -554,6 +565,7 @@ pub async fn read_stream(
             let msg = msg?;
             let info = msg.info()?;
             out.push(Stored {
+                subject: msg.subject.to_string(),
                 sequence: info.stream_sequence,
                 published: info.published,
                 payload: msg.payload.clone(),

@@ -165,14 +165,23 @@ async fn send_notification(
     let outcome =
         idempotent_requests::run(&api.app, scope, key, Some(&body), |attempt| async move {
             let notifications = send::build(req, texts, &caller.user_id, attempt.event_id, now);
-            let outgoing: Vec<_> = notifications.iter().map(|n| n.to_outgoing()).collect();
-            // Every job fits in a NATS message, or nothing is published.
+            // One recipient: its own subject (a recipient's sends are handled in order).
+            // Several: one bulk job, accepted or refused as a whole.
+            let (outgoing, what) = match notifications.as_slice() {
+                [n] => (
+                    n.to_outgoing(),
+                    format!("the notification for {:?}", n.user_id),
+                ),
+                _ => (
+                    send::BulkJob::new(req, texts, &caller.user_id, attempt.event_id, now)
+                        .to_outgoing(),
+                    format!("the bulk job for {} recipients", notifications.len()),
+                ),
+            };
+            // The job fits in a NATS message, or nothing is published.
             let client = api.app.js.client();
-            for (n, msg) in notifications.iter().zip(&outgoing) {
-                if let Err(e) = jetstream::check_message(&client, msg) {
-                    return Err(attempt
-                        .publish_problem(&e, &format!("the notification for {:?}", n.user_id)));
-                }
+            if let Err(e) = jetstream::check_message(&client, &outgoing) {
+                return Err(attempt.publish_problem(&e, &what));
             }
             let mut redis = api.app.redis.clone();
             if req.send_at.is_some() {
@@ -180,9 +189,15 @@ async fn send_notification(
                     .await
                     .map_err(redis_err)?;
             }
-            jetstream::publish_windowed(&api.app.js, outgoing, api.app.config.publish_window)
+            jetstream::publish_windowed(&api.app.js, vec![outgoing], 1)
                 .await
-                .map_err(|e| send::partial_failure(&notifications, e, &attempt.key))?;
+                .map_err(|e| {
+                    send::partial_failure(
+                        &notifications,
+                        e.for_each(notifications.len()),
+                        &attempt.key,
+                    )
+                })?;
             let list: Vec<Value> = notifications
                 .iter()
                 .map(|n| json!({"userId": n.user_id, "id": n.id}))

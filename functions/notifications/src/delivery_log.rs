@@ -128,29 +128,61 @@ pub async fn record(
     status: DeliveryStatus,
     info: &AttemptInfo,
 ) -> redis::RedisResult<(bool, DeliveryRecord)> {
+    let mut invocation = RECORD_SCRIPT.key(key(id));
+    for arg in record_args(channel, status, info) {
+        invocation.arg(arg);
+    }
+    let (applied, json): (i64, String) = invocation.invoke_async(redis).await?;
+    let record = parse_record(&json).ok_or_else(|| {
+        redis::RedisError::from((redis::ErrorKind::Parse, "delivery record does not parse"))
+    })?;
+    Ok((applied == 1, record))
+}
+
+/// The arguments of the record script.
+fn record_args(
+    channel: DeliveryChannel,
+    status: DeliveryStatus,
+    info: &AttemptInfo,
+) -> Vec<String> {
     let now = crate::send::rfc3339(OffsetDateTime::now_utc());
     let error: String = info
         .error
         .as_deref()
         .map(|e| inkwire_shared::problem::clip(e, MAX_ERROR_CHARS).into_owned())
         .unwrap_or_default();
-    let (applied, json): (i64, String) = RECORD_SCRIPT
-        .key(key(id))
-        .arg(channel.as_str())
-        .arg(status.as_str())
-        .arg(&now)
-        .arg(info.attempts.map(|a| a.to_string()).unwrap_or_default())
-        .arg(info.provider_message_id.clone().unwrap_or_default())
-        .arg(error)
-        .arg(HISTORY_CAP)
-        .arg(final_statuses())
-        .arg(KEEP.as_secs())
-        .invoke_async(redis)
-        .await?;
-    let record = parse_record(&json).ok_or_else(|| {
-        redis::RedisError::from((redis::ErrorKind::Parse, "delivery record does not parse"))
-    })?;
-    Ok((applied == 1, record))
+    vec![
+        channel.as_str().to_string(),
+        status.as_str().to_string(),
+        now,
+        info.attempts.map(|a| a.to_string()).unwrap_or_default(),
+        info.provider_message_id.clone().unwrap_or_default(),
+        error,
+        HISTORY_CAP.to_string(),
+        final_statuses(),
+        KEEP.as_secs().to_string(),
+    ]
+}
+
+/// [`record`] as one command of a pipeline (`EVALSHA`: the caller loads [`load_scripts`]
+/// and sends again when Redis answers `NOSCRIPT`); its answer is not needed.
+pub fn record_cmd(
+    id: Uuid,
+    channel: DeliveryChannel,
+    status: DeliveryStatus,
+    info: &AttemptInfo,
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(RECORD_SCRIPT.get_hash()).arg(1).arg(key(id));
+    for arg in record_args(channel, status, info) {
+        cmd.arg(arg);
+    }
+    cmd
+}
+
+/// Loads the script [`record_cmd`] names.
+pub async fn load_scripts(redis: &mut ConnectionManager) -> redis::RedisResult<()> {
+    RECORD_SCRIPT.load_async(redis).await.map(|_| ())
 }
 
 /// Lua's cjson writes an empty array as `{}`; every record has at least one history entry,

@@ -240,19 +240,69 @@ pub async fn store(
     })
 }
 
+/// [`store`] as one command of a pipeline (`EVALSHA`: the caller loads [`load_scripts`] and
+/// sends again when Redis answers `NOSCRIPT`); its answer is read with [`stored`].
+pub fn store_cmd(n: &Notification, limit: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(ADD_SCRIPT.get_hash())
+        .arg(4)
+        .arg(notification_key(n.id))
+        .arg(inbox_key(&n.user_id))
+        .arg(unread_key(&n.user_id))
+        .arg(seq_key(&n.user_id))
+        .arg(n.id.to_string())
+        .arg(serde_json::to_string(n).expect("notifications serialize"))
+        .arg(n.created_ms())
+        .arg(limit.max(1))
+        .arg(NOTIFICATION_PREFIX)
+        .arg(TOMBSTONE_TTL.as_secs());
+    cmd
+}
+
+/// The answer to one [`store_cmd`].
+pub fn stored(v: &redis::Value) -> redis::RedisResult<AddOutcome> {
+    let (created, unread, version): (i64, u64, u64) =
+        redis::FromRedisValue::from_redis_value_ref(v)?;
+    Ok(AddOutcome {
+        created: created == 1,
+        unread_count: unread,
+        version,
+    })
+}
+
+/// Loads the script [`store_cmd`] names (after a `NOSCRIPT`: Redis restarted or flushed
+/// its script cache).
+pub async fn load_scripts(redis: &mut ConnectionManager) -> redis::RedisResult<()> {
+    ADD_SCRIPT.load_async(redis).await.map(|_| ())
+}
+
+/// The push of [`push_added`] as a message to publish with others.
+pub fn added_push(n: &Notification, outcome: AddOutcome) -> inkwire_shared::jetstream::Outgoing {
+    channels::outgoing(
+        &Channel::new(ChannelKind::User, &n.user_id),
+        MessageType::Notification,
+        &added_data(n, outcome),
+        format!("notif-new:{}", n.id),
+    )
+}
+
+fn added_data(n: &Notification, outcome: AddOutcome) -> Value {
+    let mut item = serde_json::to_value(n).expect("notifications serialize");
+    item["read"] = json!(false);
+    json!({"event": "notification", "notification": item,
+        "unreadCount": outcome.unread_count, "version": outcome.version})
+}
+
 /// Pushes `n` to its recipient's channel with the count and version [`store`] answered.
 pub async fn push_added(
     js: &async_nats::jetstream::Context,
     n: &Notification,
     outcome: AddOutcome,
 ) -> Result<(), InboxError> {
-    let mut item = serde_json::to_value(n).expect("notifications serialize");
-    item["read"] = json!(false);
     push(
         js,
         &n.user_id,
-        json!({"event": "notification", "notification": item,
-            "unreadCount": outcome.unread_count, "version": outcome.version}),
+        added_data(n, outcome),
         format!("notif-new:{}", n.id),
     )
     .await

@@ -2,9 +2,15 @@
 //! `notifier`) that turns each recipient's [`Notification`] into an inbox item and delivery
 //! jobs, and the path the scheduler shares with it for scheduled sends.
 //!
+//! A message is one recipient's notification (`notify.send.{userId}`) or a bulk job
+//! (`notify.send.bulk.{eventId}`: the send API's job for several recipients, expanded into
+//! each recipient's notification and handled together — the reads, plans, inbox changes,
+//! events and pushes of all its recipients in a few round trips instead of a few each).
+//!
 //! Per message:
-//! - a payload that is not a `Notification`, whose recipient is not a valid id or is not the
-//!   subject's, or whose category is not a category name is `Permanent` (dead-lettered);
+//! - a payload that is not a `Notification` (or a bulk job), whose recipient is not a valid
+//!   id or is not the subject's, or whose category is not a category name is `Permanent`
+//!   (dead-lettered);
 //! - `sendAt` in the future: the notification JSON is kept at
 //!   `inkwire:notify:scheduled:{id}:job` and `scheduled:{id}` enters the due queue at
 //!   `sendAt`; the scheduler runs the path below then (unless it was cancelled);
@@ -34,10 +40,11 @@ use std::time::Duration;
 
 use async_nats::jetstream::Context;
 use bytes::Bytes;
+use futures::future::try_join_all;
 use inkwire_shared::consumer::{self, ConsumerSpec, Delivery, HandlerError, Shutdown};
 use inkwire_shared::due_queue::DueQueue;
 use inkwire_shared::events::{Category, Event};
-use inkwire_shared::jetstream::{Outgoing, publish};
+use inkwire_shared::jetstream::{Outgoing, publish, publish_windowed};
 use inkwire_shared::membership::is_valid_id;
 use inkwire_shared::subjects;
 use jiff::Timestamp;
@@ -52,7 +59,7 @@ use crate::config::{NotifyConfig, is_valid_category_name};
 use crate::delivery_job::DeliveryJob;
 use crate::delivery_log::{self, AttemptInfo};
 use crate::digests::{self, Added, DigestItem, DigestWindow};
-use crate::inbox::{self, InboxError};
+use crate::inbox;
 use crate::model::{DeliveryChannel, DeliveryStatus, Priority};
 use crate::mute::{self, MuteDecision};
 use crate::plan::{self, Decision, PlanInput, Providers};
@@ -71,6 +78,8 @@ pub const DUE_QUEUE: &str = "inkwire:notify:due";
 pub const PLAN_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a held job is kept after it was due.
 pub const HELD_KEEP_AFTER_DUE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Messages published at once for a batch of notifications (events, pushes).
+const PUBLISH_WINDOW: usize = 256;
 /// Default scheduler tick.
 pub const DEFAULT_TICK: Duration = Duration::from_millis(250);
 /// Notifications one notifier handles at once.
@@ -265,13 +274,6 @@ fn redis_retry(e: redis::RedisError) -> HandlerError {
     retry("redis", e)
 }
 
-fn inbox_retry(e: InboxError) -> HandlerError {
-    match e {
-        InboxError::Redis(e) => redis_retry(e),
-        InboxError::Push(e) => retry("pushing the inbox change", e),
-    }
-}
-
 fn now_ms() -> i64 {
     (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -359,15 +361,39 @@ impl Notifier {
         spec
     }
 
-    /// Handles one `notify.send.{userId}` message (module doc).
+    /// Handles one `notify.send.>` message: a recipient's notification or a bulk job
+    /// (module doc).
     pub async fn handle(&self, delivery: Delivery) -> Result<(), HandlerError> {
-        let n = parse_notification(&delivery.subject, &delivery.payload)?;
+        let notifications = match send::bulk_event_id(&delivery.subject) {
+            Some(event_id) => parse_bulk(event_id, &delivery.payload)?,
+            None => vec![parse_notification(&delivery.subject, &delivery.payload)?],
+        };
+        self.handle_all(notifications).await
+    }
+
+    /// Schedules the notifications that are not due yet, releases the scheduled ones that
+    /// are, and delivers the rest together.
+    async fn handle_all(&self, notifications: Vec<Notification>) -> Result<(), HandlerError> {
         let now = OffsetDateTime::now_utc();
-        match n.send_at {
-            Some(at) if at > now => self.schedule(&n, at, now).await,
-            Some(_) => self.release_and_deliver(&n).await,
-            None => self.deliver_now(&n).await,
+        let mut immediate = Vec::with_capacity(notifications.len());
+        let mut later = Vec::new();
+        let mut due = Vec::new();
+        for n in notifications {
+            match n.send_at {
+                Some(at) if at > now => later.push((n, at)),
+                Some(_) => due.push(n),
+                None => immediate.push(n),
+            }
         }
+        try_join_all(later.iter().map(|(n, at)| self.schedule(n, *at, now))).await?;
+        let released = try_join_all(due.iter().map(|n| self.release(n))).await?;
+        immediate.extend(
+            due.into_iter()
+                .zip(released)
+                .filter(|(_, r)| *r == Release::Send)
+                .map(|(n, _)| n),
+        );
+        self.deliver_many(&immediate).await
     }
 
     /// Keeps a scheduled send until `at` (module doc).
@@ -427,64 +453,232 @@ impl Notifier {
         }
     }
 
-    /// The immediate path (module doc).
+    /// The immediate path (module doc) for one notification.
     pub async fn deliver_now(&self, n: &Notification) -> Result<(), HandlerError> {
-        let mut redis = self.redis.clone();
-        // Everything the decisions need in one round trip: a plan kept by an earlier
-        // handling, the delivery log, the recipient's preferences and devices.
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET")
-            .arg(plan_key(n.id))
-            .cmd("HGETALL")
-            .arg(delivery_log::key(n.id));
-        read_preferences(&mut pipe, &n.user_id);
-        #[allow(clippy::type_complexity)]
-        let (stored, log, prefs, devices): (
-            Option<String>,
-            HashMap<String, String>,
-            Option<String>,
-            Vec<(String, String)>,
-        ) = pipe.query_async(&mut redis).await.map_err(redis_retry)?;
-        let plan = match stored.and_then(|s| serde_json::from_str::<StoredPlan>(&s).ok()) {
-            Some(p) => p,
-            None => {
-                self.decide(&mut redis, n, &preferences_from(prefs, devices))
-                    .await?
-            }
-        };
-        let logged: HashMap<DeliveryChannel, DeliveryStatus> = log
-            .into_iter()
-            .filter_map(|(channel, json)| {
-                #[derive(Deserialize)]
-                struct StatusOnly {
-                    status: DeliveryStatus,
-                }
-                let status = serde_json::from_str::<StatusOnly>(&json).ok()?.status;
-                Some((DeliveryChannel::parse(&channel)?, status))
-            })
-            .collect();
-        for c in &plan.channels {
-            self.act(
-                &mut redis,
-                n,
-                c.channel,
-                &c.decision,
-                logged.get(&c.channel).copied(),
-                plan.muted_count,
-            )
-            .await?;
+        self.deliver_many(std::slice::from_ref(n)).await
+    }
+
+    /// The immediate path (module doc) for many notifications at once: what the decisions
+    /// need is read for all in one round trip, the new plans kept in one, the
+    /// `notification_created` events published together, the inbox changes and their log
+    /// entries made in one round trip and the pushes published together; other channels
+    /// are acted on per notification. Every step is idempotent, so a failure anywhere
+    /// retries the whole message and a redelivery finishes what is missing.
+    pub async fn deliver_many(&self, ns: &[Notification]) -> Result<(), HandlerError> {
+        if ns.is_empty() {
+            return Ok(());
         }
+        let mut redis = self.redis.clone();
+        // Everything the decisions need: a plan kept by an earlier handling, the delivery
+        // log, the recipient's preferences and devices (four answers per notification).
+        let mut pipe = redis::pipe();
+        for n in ns {
+            pipe.cmd("GET")
+                .arg(plan_key(n.id))
+                .cmd("HGETALL")
+                .arg(delivery_log::key(n.id));
+            read_preferences(&mut pipe, &n.user_id);
+        }
+        let answers: Vec<redis::Value> = pipe.query_async(&mut redis).await.map_err(redis_retry)?;
+        if answers.len() != ns.len() * 4 {
+            return Err(retry(
+                "redis",
+                format!("{} answers to {} reads", answers.len(), ns.len() * 4),
+            ));
+        }
+        let mut plans: Vec<Option<StoredPlan>> = Vec::with_capacity(ns.len());
+        let mut logs: Vec<HashMap<DeliveryChannel, DeliveryStatus>> = Vec::with_capacity(ns.len());
+        let mut prefs: Vec<Option<Preferences>> = Vec::with_capacity(ns.len());
+        for chunk in answers.chunks(4) {
+            let stored: Option<String> = from_value(&chunk[0])?;
+            let log: HashMap<String, String> = from_value(&chunk[1])?;
+            let plan = stored.and_then(|s| serde_json::from_str::<StoredPlan>(&s).ok());
+            prefs.push(if plan.is_none() {
+                Some(preferences_from(
+                    from_value(&chunk[2])?,
+                    from_value(&chunk[3])?,
+                ))
+            } else {
+                None
+            });
+            plans.push(plan);
+            logs.push(logged_statuses(log));
+        }
+        // Plans for the notifications that have none yet, kept in one round trip.
+        let taken = try_join_all(ns.iter().zip(&prefs).map(|(n, p)| async move {
+            match p {
+                Some(p) => self.take_plan(n, p).await.map(Some),
+                None => Ok(None),
+            }
+        }))
+        .await?;
+        let mut pipe = redis::pipe();
+        let mut keeping = Vec::new();
+        for (i, plan) in taken.iter().enumerate() {
+            if let Some(plan) = plan {
+                // SET NX … GET: the plan kept first wins (a concurrent handling of the same
+                // message).
+                pipe.cmd("SET")
+                    .arg(plan_key(ns[i].id))
+                    .arg(serde_json::to_string(plan).expect("plans serialize"))
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("EX")
+                    .arg(PLAN_KEEP.as_secs());
+                keeping.push(i);
+            }
+        }
+        if !keeping.is_empty() {
+            let previous: Vec<Option<String>> =
+                pipe.query_async(&mut redis).await.map_err(redis_retry)?;
+            for (i, previous) in keeping.into_iter().zip(previous) {
+                let mine = taken[i].clone();
+                plans[i] = previous
+                    .and_then(|p| serde_json::from_str(&p).ok())
+                    .or(mine);
+            }
+        }
+        let plans: Vec<StoredPlan> = plans
+            .into_iter()
+            .map(|p| p.expect("every notification has a plan"))
+            .collect();
+
+        self.in_app_many(&mut redis, ns, &plans, &logs).await?;
+
+        // The other channels, one notification's after another's in order, notifications
+        // side by side.
+        try_join_all(ns.iter().zip(&plans).zip(&logs).map(|((n, plan), logged)| {
+            let mut redis = self.redis.clone();
+            async move {
+                for c in &plan.channels {
+                    if c.channel != DeliveryChannel::InApp {
+                        self.act(
+                            &mut redis,
+                            n,
+                            c.channel,
+                            &c.decision,
+                            logged.get(&c.channel).copied(),
+                            plan.muted_count,
+                        )
+                        .await?;
+                    }
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .await?;
         Ok(())
     }
 
-    /// Takes the plan for `n` (preferences, devices, mute state) and keeps it; when another
-    /// handling of the same notification kept one first, that one is used.
-    async fn decide(
+    /// The in-app channel of many notifications: each one's `notification_created` event
+    /// goes out before its in_app is first logged (so a redelivery after that, even past
+    /// JetStream's duplicate window, does not publish it again); then every inbox change and
+    /// its `sent` log entry (or the other decision's entry) in one round trip; then the
+    /// pushes with the new unread counts. A redelivery adds again (a no-op that pushes the
+    /// current count again), so `sent` may be logged before the push is out.
+    async fn in_app_many(
         &self,
         redis: &mut ConnectionManager,
+        ns: &[Notification],
+        plans: &[StoredPlan],
+        logs: &[HashMap<DeliveryChannel, DeliveryStatus>],
+    ) -> Result<(), HandlerError> {
+        let in_app: Vec<(usize, &StoredDecision, Option<DeliveryStatus>)> = plans
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let c = p
+                    .channels
+                    .iter()
+                    .find(|c| c.channel == DeliveryChannel::InApp)?;
+                Some((
+                    i,
+                    &c.decision,
+                    logs[i].get(&DeliveryChannel::InApp).copied(),
+                ))
+            })
+            .collect();
+        if in_app.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<Outgoing> = in_app
+            .iter()
+            .filter(|(_, _, logged)| logged.is_none())
+            .map(|(i, _, _)| created_outgoing(&ns[*i]))
+            .collect();
+        if !events.is_empty() {
+            publish_windowed(&self.js, events, PUBLISH_WINDOW)
+                .await
+                .map_err(|e| retry("publishing notification_created", e))?;
+        }
+        let mut pipe = redis::pipe();
+        // (notification index, index of its inbox answer) of every inbox change.
+        let mut adds = Vec::new();
+        let mut commands = 0;
+        for (i, decision, logged) in &in_app {
+            let n = &ns[*i];
+            let status = decision.status();
+            if **decision == StoredDecision::Deliver {
+                pipe.add_command(inbox::store_cmd(n, self.config.inbox_limit));
+                adds.push((*i, commands));
+                commands += 1;
+                let status = DeliveryStatus::Sent;
+                if *logged != Some(status) {
+                    pipe.add_command(delivery_log::record_cmd(
+                        n.id,
+                        DeliveryChannel::InApp,
+                        status,
+                        &AttemptInfo::default(),
+                    ));
+                    commands += 1;
+                }
+            } else if *logged != Some(status) {
+                pipe.add_command(delivery_log::record_cmd(
+                    n.id,
+                    DeliveryChannel::InApp,
+                    status,
+                    &AttemptInfo::default(),
+                ));
+                commands += 1;
+            }
+        }
+        if commands == 0 {
+            return Ok(());
+        }
+        let answers: Vec<redis::Value> = match pipe.query_async(redis).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis lost its scripts (a restart): loaded, and everything sent again
+                // (each command is idempotent).
+                inbox::load_scripts(redis).await.map_err(redis_retry)?;
+                delivery_log::load_scripts(redis)
+                    .await
+                    .map_err(redis_retry)?;
+                pipe.query_async(redis).await.map_err(redis_retry)?
+            }
+            other => other.map_err(redis_retry)?,
+        };
+        let mut pushes = Vec::with_capacity(adds.len());
+        for (i, at) in adds {
+            let added = answers
+                .get(at)
+                .ok_or_else(|| retry("redis", "an inbox change was not answered"))
+                .and_then(|v| inbox::stored(v).map_err(redis_retry))?;
+            pushes.push(inbox::added_push(&ns[i], added));
+        }
+        publish_windowed(&self.js, pushes, PUBLISH_WINDOW)
+            .await
+            .map_err(|e| retry("pushing the inbox change", e))?;
+        Ok(())
+    }
+
+    /// Takes the plan for `n` (preferences, devices, mute state); the caller keeps it.
+    async fn take_plan(
+        &self,
         n: &Notification,
         prefs: &Preferences,
     ) -> Result<StoredPlan, HandlerError> {
+        let mut redis = self.redis.clone();
+        let redis = &mut redis;
         let now = Timestamp::now();
         let mut input = self.plan_input(n, prefs, now);
         let mut planned = plan::plan(&input);
@@ -530,21 +724,7 @@ impl Notifier {
                 .collect(),
             muted_count,
         };
-        let json = serde_json::to_string(&plan).expect("plans serialize");
-        // SET NX … GET: the plan kept first wins (a concurrent handling of the same message).
-        let previous: Option<String> = redis::cmd("SET")
-            .arg(plan_key(n.id))
-            .arg(&json)
-            .arg("NX")
-            .arg("GET")
-            .arg("EX")
-            .arg(PLAN_KEEP.as_secs())
-            .query_async(redis)
-            .await
-            .map_err(redis_retry)?;
-        Ok(previous
-            .and_then(|p| serde_json::from_str(&p).ok())
-            .unwrap_or(plan))
+        Ok(plan)
     }
 
     fn plan_input<'a>(
@@ -567,7 +747,7 @@ impl Notifier {
         }
     }
 
-    /// Carries out one channel's decision unless the delivery log shows it done.
+    /// Carries out one external channel's decision unless the delivery log shows it done.
     async fn act(
         &self,
         redis: &mut ConnectionManager,
@@ -582,36 +762,10 @@ impl Notifier {
         // redelivery changes nothing. The same status means the step may be unfinished; every
         // step below is idempotent, so it is done again.
         let moved_on = logged.is_some_and(|l| l != status);
-        if channel == DeliveryChannel::InApp {
-            // The event goes out before in_app is first logged, so a redelivery after that
-            // (even past JetStream's duplicate window) does not publish it again.
-            if logged.is_none() {
-                self.publish_created(n).await?;
-            }
-            if *decision == StoredDecision::Deliver {
-                // The inbox change and its log entry in one round trip, the push after both.
-                // A redelivery adds again (a no-op that pushes the current count again), so
-                // `sent` may be logged before the push is out.
-                let mut log_conn = redis.clone();
-                let (added, logged_now) = tokio::join!(
-                    inbox::store(redis, n, self.config.inbox_limit),
-                    self.log(
-                        &mut log_conn,
-                        n.id,
-                        channel,
-                        DeliveryStatus::Sent,
-                        None,
-                        logged
-                    ),
-                );
-                let added = added.map_err(inbox_retry)?;
-                logged_now?;
-                return inbox::push_added(&self.js, n, added)
-                    .await
-                    .map_err(inbox_retry);
-            }
-            return self.log(redis, n.id, channel, status, None, logged).await;
-        }
+        debug_assert!(
+            channel != DeliveryChannel::InApp,
+            "in_app is acted on by in_app_many"
+        );
         if moved_on {
             return Ok(());
         }
@@ -793,21 +947,71 @@ impl Notifier {
         .map(|_| ())
         .map_err(redis_retry)
     }
+}
 
-    /// `notification.notification_created` for `n`, its id derived from the notification id
-    /// so that a redelivery publishes the same event (stored once).
-    async fn publish_created(&self, n: &Notification) -> Result<(), HandlerError> {
-        let event = created_event(n);
-        let msg = Outgoing {
-            subject: event.subject(),
-            msg_id: event.id.to_string(),
-            payload: Bytes::from(serde_json::to_vec(&event).expect("events serialize")),
-        };
-        publish(&self.js, msg)
-            .await
-            .map(|_| ())
-            .map_err(|e| retry("publishing notification_created", e))
+/// `notification.notification_created` for `n` as a message, its id derived from the
+/// notification id so that a redelivery publishes the same event (stored once).
+fn created_outgoing(n: &Notification) -> Outgoing {
+    let event = created_event(n);
+    Outgoing {
+        subject: event.subject(),
+        msg_id: event.id.to_string(),
+        payload: Bytes::from(serde_json::to_vec(&event).expect("events serialize")),
     }
+}
+
+/// One answer of a pipeline, typed.
+fn from_value<T: redis::FromRedisValue>(v: &redis::Value) -> Result<T, HandlerError> {
+    T::from_redis_value_ref(v).map_err(|e| retry("redis answer", e))
+}
+
+/// The status of each channel in a delivery log read with `HGETALL`.
+fn logged_statuses(log: HashMap<String, String>) -> HashMap<DeliveryChannel, DeliveryStatus> {
+    #[derive(Deserialize)]
+    struct StatusOnly {
+        status: DeliveryStatus,
+    }
+    log.into_iter()
+        .filter_map(|(channel, json)| {
+            let status = serde_json::from_str::<StatusOnly>(&json).ok()?.status;
+            Some((DeliveryChannel::parse(&channel)?, status))
+        })
+        .collect()
+}
+
+/// The notifications of a bulk job on `notify.send.bulk.{eventId}`, checked like single
+/// ones: a job that is not a bulk job of this subject, has no or too many recipients, a
+/// recipient that is not an id, or a category that is not a category name is `Permanent`
+/// (dead-lettered whole: the API never publishes one).
+pub fn parse_bulk(event_id: Uuid, payload: &[u8]) -> Result<Vec<Notification>, HandlerError> {
+    let job: send::BulkJob = serde_json::from_slice(payload)
+        .map_err(|e| HandlerError::Permanent(format!("not a bulk job: {e}")))?;
+    if job.event_id != event_id {
+        return Err(HandlerError::Permanent(format!(
+            "bulk job of event {} on the subject of {event_id}",
+            job.event_id
+        )));
+    }
+    if job.recipients.is_empty() || job.recipients.len() > crate::config::MAX_RECIPIENTS {
+        return Err(HandlerError::Permanent(format!(
+            "a bulk job has 1 to {} recipients, not {}",
+            crate::config::MAX_RECIPIENTS,
+            job.recipients.len()
+        )));
+    }
+    if let Some(bad) = job.recipients.iter().find(|u| !is_valid_id(u)) {
+        return Err(HandlerError::Permanent(format!(
+            "recipient {:?} is not a valid id",
+            inkwire_shared::problem::clip(bad, 64)
+        )));
+    }
+    if !is_valid_category_name(&job.common.category) {
+        return Err(HandlerError::Permanent(format!(
+            "category {:?} is not a category name",
+            inkwire_shared::problem::clip(&job.common.category, 64)
+        )));
+    }
+    Ok(job.notifications())
 }
 
 /// The `notification_created` event of `n` (module doc).

@@ -407,35 +407,133 @@ pub fn build(
     event_id: Uuid,
     now: OffsetDateTime,
 ) -> Vec<Notification> {
+    let common = common(req, texts, sender, now);
     req.recipients
         .iter()
-        .map(|user| {
-            let id = notification_id(event_id, user);
-            Notification {
-                id,
-                user_id: user.clone(),
-                category: req.category.clone(),
-                priority: req.priority,
-                title: texts.title.clone(),
-                body: texts.body.clone(),
-                email: texts.email.clone(),
-                sms: texts.sms.clone(),
-                push: texts.push.as_ref().map(|(title, body)| PushPayload {
-                    title: title.clone(),
-                    body: body.clone(),
-                    data: json!({"notificationId": id, "category": req.category}),
-                }),
-                data: req.data.clone(),
-                channels: req.channels.clone(),
-                group_key: req.group_key.clone(),
-                template: texts.template.clone(),
-                project_id: req.project_id.clone(),
-                send_at: req.send_at,
-                created_at: now,
-                sender: sender.to_string(),
-            }
-        })
+        .map(|user| for_recipient(&common, event_id, user))
         .collect()
+}
+
+/// What every recipient's notification of a send shares (id nil, `userId` empty).
+fn common(req: &SendRequest, texts: &Texts, sender: &str, now: OffsetDateTime) -> Notification {
+    Notification {
+        id: Uuid::nil(),
+        user_id: String::new(),
+        category: req.category.clone(),
+        priority: req.priority,
+        title: texts.title.clone(),
+        body: texts.body.clone(),
+        email: texts.email.clone(),
+        sms: texts.sms.clone(),
+        push: texts.push.as_ref().map(|(title, body)| PushPayload {
+            title: title.clone(),
+            body: body.clone(),
+            data: Value::Null,
+        }),
+        data: req.data.clone(),
+        channels: req.channels.clone(),
+        group_key: req.group_key.clone(),
+        template: texts.template.clone(),
+        project_id: req.project_id.clone(),
+        send_at: req.send_at,
+        created_at: now,
+        sender: sender.to_string(),
+    }
+}
+
+/// `recipient`'s notification of the send `event_id` whose shared part is `common`.
+fn for_recipient(common: &Notification, event_id: Uuid, recipient: &str) -> Notification {
+    let id = notification_id(event_id, recipient);
+    let mut n = common.clone();
+    n.id = id;
+    n.user_id = recipient.to_string();
+    if let Some(push) = &mut n.push {
+        push.data = json!({"notificationId": id, "category": n.category});
+    }
+    n
+}
+
+/// A send to several recipients as one job on `notify.send.bulk.{eventId}`: one stored
+/// message instead of one per recipient, so a bulk send is accepted or refused as a whole
+/// (never half published) and the notifier handles its recipients together. The notifier
+/// expands it into exactly the notifications [`build`] makes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkJob {
+    pub event_id: Uuid,
+    pub recipients: Vec<String>,
+    /// What every recipient's notification shares (id nil, `userId` empty).
+    pub common: Notification,
+}
+
+/// The token after `notify.send.` that marks a bulk job (`notify.send.bulk.{eventId}` has
+/// four tokens; a recipient's subject `notify.send.{userId}` has three, so no user id can
+/// collide with it).
+pub const BULK_TOKEN: &str = "bulk";
+
+impl BulkJob {
+    pub fn new(
+        req: &SendRequest,
+        texts: &Texts,
+        sender: &str,
+        event_id: Uuid,
+        now: OffsetDateTime,
+    ) -> BulkJob {
+        BulkJob {
+            event_id,
+            recipients: req.recipients.clone(),
+            common: common(req, texts, sender, now),
+        }
+    }
+
+    /// `notify.send.bulk.{eventId}`.
+    pub fn subject(&self) -> String {
+        bulk_subject(self.event_id)
+    }
+
+    /// Every recipient's notification, in the order of `recipients`.
+    pub fn notifications(&self) -> Vec<Notification> {
+        self.recipients
+            .iter()
+            .map(|user| for_recipient(&self.common, self.event_id, user))
+            .collect()
+    }
+
+    pub fn to_outgoing(&self) -> Outgoing {
+        Outgoing {
+            subject: self.subject(),
+            msg_id: format!("bulk:{}", self.event_id),
+            payload: Bytes::from(serde_json::to_vec(self).expect("bulk jobs serialize")),
+        }
+    }
+}
+
+/// `notify.send.bulk.{eventId}`.
+pub fn bulk_subject(event_id: Uuid) -> String {
+    format!("{}.send.{BULK_TOKEN}.{event_id}", subjects::NOTIFY_PREFIX)
+}
+
+/// The event id of a bulk job's subject, `None` for any other subject.
+pub fn bulk_event_id(subject: &str) -> Option<Uuid> {
+    let rest = subject
+        .strip_prefix(subjects::NOTIFY_PREFIX)?
+        .strip_prefix(".send.")?
+        .strip_prefix(BULK_TOKEN)?
+        .strip_prefix('.')?;
+    Uuid::parse_str(rest).ok()
+}
+
+/// The notifications of one stored `notify.send.>` message: a bulk job's recipients, or the
+/// one notification of a recipient's subject (for readers of the stream, such as tests and
+/// tools; the notifier checks each).
+pub fn notifications_of(subject: &str, payload: &[u8]) -> Result<Vec<Notification>, String> {
+    if bulk_event_id(subject).is_some() {
+        let job: BulkJob = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        Ok(job.notifications())
+    } else {
+        let n: Notification = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        Ok(vec![n])
+    }
 }
 
 /// `inkwire:notify:scheduled:{notificationId}`.
@@ -769,5 +867,32 @@ mod tests {
         let back: Notification = serde_json::from_value(v).unwrap();
         assert_eq!(back, ns[1]);
         assert_eq!(ns[0].subject(), "notify.send.a");
+
+        // The bulk job of the same send expands into exactly these notifications.
+        let event = Uuid::now_v7();
+        let job = BulkJob::new(&req, &texts, "svc", event, now());
+        let out = job.to_outgoing();
+        assert_eq!(out.subject, format!("notify.send.bulk.{event}"));
+        assert_eq!(bulk_event_id(&out.subject), Some(event));
+        assert_eq!(
+            notifications_of(&out.subject, &out.payload).unwrap(),
+            build(&req, &texts, "svc", event, now())
+        );
+    }
+
+    #[test]
+    fn only_bulk_subjects_name_an_event() {
+        let e = Uuid::now_v7();
+        assert_eq!(bulk_event_id(&format!("notify.send.bulk.{e}")), Some(e));
+        for other in [
+            "notify.send.bulk".to_string(),
+            "notify.send.bulky".to_string(),
+            "notify.send.bulk.not-a-uuid".to_string(),
+            format!("notify.send.bulk.{e}.x"),
+            format!("notify.deliver.bulk.{e}"),
+            "notify.send.u-1".to_string(),
+        ] {
+            assert_eq!(bulk_event_id(&other), None, "{other}");
+        }
     }
 }
