@@ -171,7 +171,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Bench { scenario } => bench::run(scenario).await,
+        Command::Bench { scenario } => {
+            // Logs only when asked for: the rows on stdout are the output.
+            if std::env::var_os("RUST_LOG").is_some() {
+                telemetry::init();
+            }
+            bench::run(scenario).await
+        }
         Command::Watch {
             url,
             token,

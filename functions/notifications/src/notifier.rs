@@ -78,6 +78,12 @@ pub const DUE_QUEUE: &str = "inkwire:notify:due";
 pub const PLAN_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a held job is kept after it was due.
 pub const HELD_KEEP_AFTER_DUE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A bulk job is delivered this many recipients at a time, one chunk after another.
+pub const BULK_CHUNK: usize = 250;
+/// Bulk chunks one notifier delivers at once, whatever the number of bulk jobs in hand: work
+/// in flight stays bounded, so jobs finish one after another in a fraction of a second each
+/// instead of all together, late (past their ack wait).
+const BULK_CHUNKS_AT_ONCE: usize = 4;
 /// Messages published at once for a batch of notifications (events, pushes).
 const PUBLISH_WINDOW: usize = 256;
 /// Default scheduler tick.
@@ -334,6 +340,8 @@ pub struct Notifier {
     pub redis: ConnectionManager,
     pub config: Arc<NotifyConfig>,
     pub settings: Arc<NotifierSettings>,
+    /// Bulk chunks being delivered at once (see [`BULK_CHUNK`]).
+    chunks: Arc<tokio::sync::Semaphore>,
 }
 
 impl Notifier {
@@ -348,6 +356,7 @@ impl Notifier {
             redis,
             config,
             settings,
+            chunks: Arc::new(tokio::sync::Semaphore::new(BULK_CHUNKS_AT_ONCE)),
         }
     }
 
@@ -393,7 +402,14 @@ impl Notifier {
                 .filter(|(_, r)| *r == Release::Send)
                 .map(|(n, _)| n),
         );
-        self.deliver_many(&immediate).await
+        if immediate.len() <= 1 {
+            return self.deliver_many(&immediate).await;
+        }
+        for chunk in immediate.chunks(BULK_CHUNK) {
+            let _permit = self.chunks.acquire().await.expect("never closed");
+            self.deliver_many(chunk).await?;
+        }
+        Ok(())
     }
 
     /// Keeps a scheduled send until `at` (module doc).
