@@ -4,6 +4,7 @@
 //! axum `Router` on AWS Lambda or on a local address.
 
 pub mod access_changes;
+pub mod allocator;
 pub mod auth;
 pub mod channels;
 pub mod config;

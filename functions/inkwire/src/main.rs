@@ -116,6 +116,8 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Dev { .. }) && std::env::var_os("INKWIRE_ENV").is_none() {
         // `inkwire dev` is development by definition; saying so is what lets it use the

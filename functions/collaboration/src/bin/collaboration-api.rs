@@ -11,6 +11,8 @@ use inkwire_shared::{AppState, http};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let app = AppState::start_from_env("inkwire-collaboration-api").await?;
     let addr = app.config.http_addr;
     let store = Store::open(&app.js).await?;

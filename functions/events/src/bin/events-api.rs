@@ -10,6 +10,8 @@ use inkwire_shared::{AppState, http};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let state = AppState::start_from_env("inkwire-events").await?;
     let addr = state.config.http_addr;
     let cors = inkwire_shared::origins::cors_layer(&state.config.allowed_origins);

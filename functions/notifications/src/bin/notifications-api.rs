@@ -14,6 +14,8 @@ use inkwire_shared::{AppState, http};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let notify = NotifyConfig::from_env()?;
     // The devices routes register push endpoints with SNS.
     let providers = Providers::build(&ProviderConfig::from_env()?).await?;

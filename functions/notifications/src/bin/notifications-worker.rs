@@ -20,6 +20,8 @@ use inkwire_shared::{AppState, http};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let notify = Arc::new(NotifyConfig::from_env()?);
     let settings = NotifierSettings::from_env()?;
     let provider_config = ProviderConfig::from_env()?;

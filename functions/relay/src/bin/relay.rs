@@ -11,6 +11,8 @@ use inkwire_shared::{AppState, http};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let relay_config = RelayConfig::from_env()?;
     let app = AppState::start_from_env("inkwire-relay").await?;
     let addr = app.config.http_addr;

@@ -13,6 +13,8 @@ use inkwire_writing::state_machine::TrackerConfig;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let writing = TrackerConfig::from_env()?;
     let app = AppState::start_from_env("inkwire-writing-api").await?;
     let addr = app.config.http_addr;

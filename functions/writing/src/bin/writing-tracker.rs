@@ -14,6 +14,8 @@ use inkwire_writing::tracker::{Tracker, run_tracker};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Transparent huge pages off (shared::allocator).
+    let _ = inkwire_shared::allocator::configure();
     let writing = TrackerConfig::from_env()?;
     let app = AppState::start_from_env("inkwire-writing-tracker").await?;
     let (trigger, shutdown) = ShutdownTrigger::new();
