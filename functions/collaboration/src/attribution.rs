@@ -258,7 +258,7 @@ async fn flush(
     }
 }
 
-async fn publish(
+pub(crate) async fn publish(
     js: &async_nats::jetstream::Context,
     event_type: &str,
     user: &str,

@@ -37,6 +37,8 @@ use crate::protocol::{self, Incoming, Measure};
 use crate::storage::{AUTHOR_HEADER, Follower, Loaded};
 use crate::{Coedit, DocCell};
 
+pub mod sessions;
+
 /// Header naming the instance that accepted an update or sent an awareness message.
 pub const INSTANCE_HEADER: &str = "Inkwire-Instance";
 
@@ -106,6 +108,8 @@ pub enum Command {
     },
     /// Compact now and answer (tests, shutdown).
     CompactNow(oneshot::Sender<()>),
+    /// Presence: REST changes, snapshots, and the answers of background checks.
+    Presence(sessions::PresenceCommand),
 }
 
 /// A connection as the document sees it.
@@ -185,6 +189,7 @@ struct Actor {
     last_recheck: Instant,
     last_sweep: Instant,
     follower: Follower,
+    sessions: sessions::Sessions,
 }
 
 /// Starts the task of a loaded document and returns its handle.
@@ -216,6 +221,7 @@ pub fn spawn(coedit: Coedit, id: &str, project: &str, loaded: Loaded, cell: DocC
         last_recheck: Instant::now(),
         last_sweep: Instant::now(),
         follower: loaded.follower,
+        sessions: sessions::Sessions::default(),
     };
     tokio::spawn(actor.run(rx));
     handle
@@ -239,6 +245,44 @@ impl Actor {
         if awareness_sub.is_some() {
             self.query_remote_awareness();
         }
+        // Presence: follow the other instances' changes first, then read what Redis holds,
+        // so nothing announced in between is missed.
+        let mut presence_sub = match self
+            .coedit
+            .app
+            .nats
+            .subscribe(crate::presence::presence_subject(&self.id))
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(document = %self.id, error = %e, "presence across instances unavailable");
+                None
+            }
+        };
+        {
+            let mut redis = self.coedit.app.redis.clone();
+            let me = self.coedit.clone();
+            let id = self.id.clone();
+            let ttl = self.coedit.config.presence_ttl;
+            tokio::spawn(async move {
+                match crate::presence::load(&mut redis, &id, ttl).await {
+                    Ok(entries) => {
+                        if let Some(h) = me.handle_of(&id) {
+                            h.send(Command::Presence(sessions::PresenceCommand::Loaded(
+                                entries,
+                            )))
+                            .await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(document = %id, error = %e, "stored presence not read")
+                    }
+                }
+            });
+        }
+        let mut presence_tick = tokio::time::interval(self.coedit.config.presence_interval);
+        presence_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let tick_every = (self.coedit.config.idle_unload / 4)
             .min(self.coedit.config.compact_interval / 2)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -267,6 +311,15 @@ impl Actor {
                 } => if let Some(msg) = msg {
                     self.remote_awareness(&msg);
                 },
+                msg = async {
+                    match presence_sub.as_mut() {
+                        Some(s) => s.next().await,
+                        None => futures::future::pending().await,
+                    }
+                } => if let Some(msg) = msg {
+                    self.remote_presence(&msg);
+                },
+                _ = presence_tick.tick() => self.presence_tick(),
                 _ = tick.tick() => {
                     if self.tick() {
                         break;
@@ -295,6 +348,7 @@ impl Actor {
                 .out
                 .try_send(Out::Close(1012, "document unloaded; reconnect".into()));
         }
+        self.presence_unload();
         if self.followed > self.compacted {
             let state = self.state();
             if let Err(e) = self
@@ -319,6 +373,7 @@ impl Actor {
     fn tick(&mut self) -> bool {
         let config = self.coedit.config.clone();
         if self.conns.is_empty()
+            && !self.sessions.has_local()
             && self
                 .empty_since
                 .is_some_and(|t| t.elapsed() >= config.idle_unload)
@@ -424,6 +479,7 @@ impl Actor {
                     self.compacted = self.compacted.max(covered);
                 }
             }
+            Command::Presence(cmd) => self.presence_command(cmd),
             Command::CompactNow(reply) => {
                 if self.compacting || self.followed <= self.compacted {
                     let _ = reply.send(());
@@ -492,6 +548,7 @@ impl Actor {
     }
 
     fn leave(&mut self, id: u64, reason: LeaveReason) {
+        self.connection_presence_gone(id);
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
@@ -540,6 +597,11 @@ impl Actor {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
+        let states: Vec<(ClientID, String)> = update
+            .clients
+            .iter()
+            .map(|(c, e)| (*c, e.json.to_string()))
+            .collect();
         for (client, entry) in &update.clients {
             if &*entry.json == "null" {
                 conn.clients.remove(client);
@@ -552,6 +614,7 @@ impl Actor {
         }
         self.broadcast(raw.clone());
         self.publish_awareness(raw);
+        self.awareness_presence(id, &states);
     }
 
     fn publish_awareness(&self, frame: Bytes) {
@@ -645,6 +708,7 @@ impl Actor {
                 self.measured.insert(sequence, m);
                 self.size += update.len();
                 self.broadcast(protocol::update(update).into());
+                self.document_changed(None, 0);
             }
             Err(e) => {
                 tracing::warn!(document = %self.id, sequence, error = %e, "stored update does not apply");
@@ -692,6 +756,9 @@ impl Actor {
             self.applied.remove(&s);
             self.measured.remove(&s);
         }
+        if let (Some(author), Some(m)) = (author.as_deref(), measure.as_ref()) {
+            self.document_changed(Some(author), m.inserted);
+        }
         if let (true, Some(author), Some(m)) = (ours, author, measure) {
             self.coedit.attribution.record(Record::Edit {
                 document: self.id.to_string(),
@@ -711,7 +778,13 @@ impl Actor {
             .filter(|(_, c)| user.as_ref().is_none_or(|u| *u == c.user))
             .map(|(id, c)| (*id, c.user.clone()))
             .collect();
-        if targets.is_empty() {
+        let rest_users: Vec<String> = self
+            .sessions
+            .rest_users()
+            .into_iter()
+            .filter(|u| user.as_ref().is_none_or(|x| x == u))
+            .collect();
+        if targets.is_empty() && rest_users.is_empty() {
             return;
         }
         let mut redis = self.coedit.app.redis.clone();
@@ -730,13 +803,28 @@ impl Actor {
                     };
                     roles.push((conn, role));
                 }
-                Ok::<_, redis::RedisError>(roles)
+                let mut rest = Vec::new();
+                for user in rest_users {
+                    let role = if now_in.as_deref() == Some(&*project) {
+                        membership::role_of(&mut redis, &project, &user).await?
+                    } else {
+                        None
+                    };
+                    rest.push((user, role));
+                }
+                Ok::<_, redis::RedisError>((roles, rest))
             })
             .await;
             match checked {
-                Ok(Ok(roles)) => {
+                Ok(Ok((roles, rest))) => {
                     if let Some(h) = me.handle_of(&id) {
                         h.send(Command::Roles(roles)).await;
+                        if !rest.is_empty() {
+                            h.send(Command::Presence(sessions::PresenceCommand::RestRoles(
+                                rest,
+                            )))
+                            .await;
+                        }
                     }
                 }
                 // A failed check keeps the connections until the next one.
@@ -753,6 +841,7 @@ impl Actor {
                     if let Some(c) = self.conns.get_mut(&id) {
                         c.role = role;
                     }
+                    self.connection_role(id, role);
                 }
                 None => {
                     if let Some(c) = self.conns.get(&id) {

@@ -17,8 +17,12 @@ pub mod access;
 pub mod api;
 pub mod attribution;
 pub mod config;
+pub mod conflicts;
 pub mod connection;
 pub mod document;
+pub mod positions;
+pub mod presence;
+pub mod presence_api;
 pub mod protocol;
 pub mod storage;
 
@@ -86,7 +90,36 @@ impl Coedit {
             next_conn: AtomicU64::new(1),
         }));
         access::spawn_listener(coedit.clone()).await?;
+        coedit.spawn_heartbeat().await?;
         Ok(coedit)
+    }
+
+    /// Keeps this instance's heartbeat alive in Redis (the first one before serving, so its
+    /// sessions are never taken for a dead instance's); removed on shutdown, so the others
+    /// drop whatever presence is left at once rather than after the TTL.
+    async fn spawn_heartbeat(&self) -> anyhow::Result<()> {
+        let ttl = self.config.instance_ttl;
+        let mut redis = self.app.redis.clone();
+        presence::heartbeat(&mut redis, &self.instance_id, ttl).await?;
+        let instance = self.instance_id.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = presence::heartbeat(&mut redis, &instance, ttl).await {
+                            tracing::warn!(error = %e, "instance heartbeat not renewed");
+                        }
+                    }
+                    _ = shutdown.wait() => break,
+                }
+            }
+            let _: redis::RedisResult<()> =
+                redis::AsyncCommands::del(&mut redis, presence::instance_key(&instance)).await;
+        });
+        Ok(())
     }
 
     pub(crate) fn next_connection_id(&self) -> u64 {
@@ -175,7 +208,9 @@ pub fn routes(coedit: Coedit) -> Router {
         app: coedit.app.clone(),
         store: coedit.store.clone(),
     };
-    connection::routes(coedit).merge(api::routes(api))
+    connection::routes(coedit.clone())
+        .merge(api::routes(api))
+        .merge(presence_api::routes(coedit))
 }
 
 /// The co-editing service as a complete service (its own binary): routes and health behind
