@@ -260,26 +260,22 @@ impl Actor {
                 None
             }
         };
+        // Inline, before any command: a snapshot asked right after loading must see them.
+        let mut redis = self.coedit.app.redis.clone();
+        let ttl = self.coedit.config.presence_ttl;
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::presence::load(&mut redis, &self.id, ttl),
+        )
+        .await
         {
-            let mut redis = self.coedit.app.redis.clone();
-            let me = self.coedit.clone();
-            let id = self.id.clone();
-            let ttl = self.coedit.config.presence_ttl;
-            tokio::spawn(async move {
-                match crate::presence::load(&mut redis, &id, ttl).await {
-                    Ok(entries) => {
-                        if let Some(h) = me.handle_of(&id) {
-                            h.send(Command::Presence(sessions::PresenceCommand::Loaded(
-                                entries,
-                            )))
-                            .await;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(document = %id, error = %e, "stored presence not read")
-                    }
-                }
-            });
+            Ok(Ok(entries)) => {
+                self.presence_command(sessions::PresenceCommand::Loaded(entries));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(document = %self.id, error = %e, "stored presence not read")
+            }
+            Err(_) => tracing::warn!(document = %self.id, "reading stored presence timed out"),
         }
         let mut presence_tick = tokio::time::interval(self.coedit.config.presence_interval);
         presence_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
