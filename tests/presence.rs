@@ -239,7 +239,8 @@ async fn writer_moving_into_anothers_paragraph_warns_both_within_100ms() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ev = events.all();
     assert_eq!(ev.len(), 1, "{ev:?}");
-    assert_eq!(ev[0].1["type"], "collaboration.conflict_detected");
+    assert_eq!(ev[0].1["type"], "conflict_detected");
+    assert_eq!(ev[0].1["category"], "collaboration");
     assert_eq!(ev[0].1["userId"], "bob", "the mover's event");
     assert_eq!(ev[0].1["data"]["otherUserId"], "alice");
     assert_eq!(ev[0].1["documentId"], "d-warn");

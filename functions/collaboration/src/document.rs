@@ -590,27 +590,49 @@ impl Actor {
     }
 
     fn local_awareness(&mut self, id: u64, update: AwarenessUpdate, raw: Bytes) {
-        let Some(conn) = self.conns.get_mut(&id) else {
+        if !self.conns.contains_key(&id) {
             return;
-        };
-        let states: Vec<(ClientID, String)> = update
-            .clients
-            .iter()
-            .map(|(c, e)| (*c, e.json.to_string()))
-            .collect();
+        }
+        // y-websocket sends on every awareness change, its peers' included, so a connection
+        // echoes the states the server relayed to it. Only a state newer than the one known
+        // is the connection's own: the first connection to send a client's fresh state owns
+        // that client (for removal on leave, and for presence, which must not put one
+        // user's cursor under another user's name).
+        let mut own: Vec<(ClientID, String)> = Vec::new();
         for (client, entry) in &update.clients {
+            let fresh = self
+                .awareness
+                .meta(*client)
+                .is_none_or(|(clock, _)| entry.clock > clock);
+            if !fresh {
+                continue;
+            }
+            let owner = self
+                .conns
+                .iter()
+                .find(|(_, c)| c.clients.contains(client))
+                .map(|(cid, _)| *cid);
+            if owner.is_some_and(|o| o != id) {
+                continue;
+            }
+            let conn = self.conns.get_mut(&id).expect("checked above");
             if &*entry.json == "null" {
                 conn.clients.remove(client);
             } else if conn.clients.len() < 64 {
                 conn.clients.insert(*client);
+            } else {
+                continue;
             }
+            own.push((*client, entry.json.to_string()));
         }
         if let Err(e) = self.awareness.apply_update(update) {
             tracing::debug!(document = %self.id, error = %e, "awareness update not applied");
         }
         self.broadcast(raw.clone());
         self.publish_awareness(raw);
-        self.awareness_presence(id, &states);
+        if !own.is_empty() {
+            self.awareness_presence(id, &own);
+        }
     }
 
     fn publish_awareness(&self, frame: Bytes) {
