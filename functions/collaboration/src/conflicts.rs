@@ -231,13 +231,10 @@ mod tests {
                 };
                 let (p, q) = (predict(&a, &b), predict(&b, &a));
                 assert_eq!(p, q, "{x:?} {y:?}");
-                let gap = if x.last < y.first {
-                    y.first - x.last
-                } else if y.last < x.first {
-                    x.first - y.last
-                } else {
-                    0
-                };
+                let gap = y
+                    .first
+                    .saturating_sub(x.last)
+                    .max(x.first.saturating_sub(y.last));
                 assert_eq!(p.is_none(), gap >= 2, "{x:?} {y:?}");
             }
         }
