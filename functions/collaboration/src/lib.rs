@@ -11,7 +11,10 @@
 //!   `INKWIRE_COEDIT_IDLE_UNLOAD` (`config`);
 //! - edits are attributed per user (`attribution`), and the REST API serves a document's
 //!   text, binary state and contributions (`api`); losing a right drops or demotes live
-//!   connections at once (`access`).
+//!   connections at once (`access`);
+//! - presence per document from awareness and REST (`presence`, `presence_api`), resolved
+//!   from Yjs relative positions (`positions`) by each document task, with conflict
+//!   prediction (`conflicts`) and warnings (`document::sessions`).
 
 pub mod access;
 pub mod api;
