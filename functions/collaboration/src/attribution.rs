@@ -353,6 +353,7 @@ mod tests {
                 Measure {
                     inserted: ins,
                     deleted: del,
+                    ..Default::default()
                 },
                 t0 + time::Duration::seconds(secs),
             );
