@@ -775,6 +775,9 @@ impl Actor {
             self.measured.remove(&s);
         }
         if let (Some(author), Some(m)) = (author.as_deref(), measure.as_ref()) {
+            if let Some(paragraph) = m.paragraph {
+                self.edit_for_collisions(author, paragraph, ours);
+            }
             self.document_changed(Some(author), m.inserted);
         }
         if let (true, Some(author), Some(m)) = (ours, author, measure) {

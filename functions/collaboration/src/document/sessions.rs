@@ -126,7 +126,37 @@ pub(super) struct Sessions {
     typed: HashMap<String, VecDeque<(Instant, u64)>>,
     last_sweep: Option<Instant>,
     last_alive_check: Option<Instant>,
+    /// Recent edits (when, author, paragraph) for collision counting.
+    recent_edits: VecDeque<(Instant, String, u32)>,
+    /// (user, user, paragraph) → when a collision was last counted.
+    collided: HashMap<(String, String, u32), Instant>,
 }
+
+/// Edits by two users in one paragraph within this window are a collision.
+pub const COLLISION_WINDOW: Duration = Duration::from_secs(5);
+
+/// The Redis hash of a document's conflict counters (`predicted`, `collisions`,
+/// `collisionsAfterWarning`).
+pub fn metrics_key(document: &str) -> String {
+    format!("inkwire:coedit:{document}:metrics")
+}
+
+fn pair_key(document: &str, u1: &str, u2: &str) -> String {
+    format!("inkwire:coedit:{document}:warnedpair:{u1}:{u2}")
+}
+
+/// Counts a collision once across instances (the first to claim it within the window), and
+/// whether the pair had been warned before it.
+const COUNT_COLLISION: &str = r#"
+if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('HINCRBY', KEYS[1], 'collisions', 1)
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('HINCRBY', KEYS[1], 'collisionsAfterWarning', 1)
+  end
+  return 1
+end
+return 0
+"#;
 
 impl Sessions {
     pub(super) fn has_local(&self) -> bool {
@@ -398,6 +428,64 @@ impl Actor {
         }
     }
 
+    /// An edit by `author` in `paragraph` was applied (every instance sees every edit); the
+    /// instance that accepted it (`ours`) counts a collision when another user edited the
+    /// same paragraph within [`COLLISION_WINDOW`].
+    pub(super) fn edit_for_collisions(&mut self, author: &str, paragraph: u32, ours: bool) {
+        let now = Instant::now();
+        let q = &mut self.sessions.recent_edits;
+        while q
+            .front()
+            .is_some_and(|(t, _, _)| now - *t > COLLISION_WINDOW)
+        {
+            q.pop_front();
+        }
+        let others: Vec<String> = q
+            .iter()
+            .filter(|(_, u, p)| *p == paragraph && u != author)
+            .map(|(_, u, _)| u.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if q.len() < 10_000 {
+            q.push_back((now, author.to_string(), paragraph));
+        }
+        if !ours || others.is_empty() {
+            return;
+        }
+        self.sessions
+            .collided
+            .retain(|_, t| now - *t <= COLLISION_WINDOW);
+        for other in others {
+            let (u1, u2) = if author < other.as_str() {
+                (author.to_string(), other)
+            } else {
+                (other, author.to_string())
+            };
+            let key = (u1.clone(), u2.clone(), paragraph);
+            if self.sessions.collided.contains_key(&key) {
+                continue;
+            }
+            self.sessions.collided.insert(key, now);
+            let mut redis = self.coedit.app.redis.clone();
+            let document = self.id.to_string();
+            tokio::spawn(async move {
+                let r: redis::RedisResult<i64> = redis::Script::new(COUNT_COLLISION)
+                    .key(metrics_key(&document))
+                    .key(pair_key(&document, &u1, &u2))
+                    .key(format!(
+                        "inkwire:coedit:{document}:collision:{u1}:{u2}:{paragraph}"
+                    ))
+                    .arg(COLLISION_WINDOW.as_millis() as u64)
+                    .invoke_async(&mut redis)
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(document, error = %e, "collision not counted");
+                }
+            });
+        }
+    }
+
     /// The document changed (an update was applied): positions moved, typing counted, and
     /// every pair is evaluated again.
     pub(super) fn document_changed(&mut self, author: Option<&str>, inserted: u64) {
@@ -514,7 +602,15 @@ impl Actor {
                 .invoke_async(&mut redis)
                 .await;
             match claimed {
-                Ok(1) => {}
+                Ok(1) => {
+                    let _: redis::RedisResult<()> = redis::pipe()
+                        .hincr(metrics_key(&document), "predicted", 1)
+                        .ignore()
+                        .pset_ex(pair_key(&document, u1, u2), 1, interval.as_millis() as u64)
+                        .ignore()
+                        .query_async(&mut redis)
+                        .await;
+                }
                 Ok(_) => return,
                 // Better a warning twice than none.
                 Err(e) => {
