@@ -23,6 +23,7 @@ pub mod config;
 pub mod conflicts;
 pub mod connection;
 pub mod document;
+pub mod metrics;
 pub mod positions;
 pub mod presence;
 pub mod presence_api;
