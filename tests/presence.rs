@@ -32,6 +32,7 @@ async fn env_with(tweak: impl FnOnce(&mut CoeditConfig)) -> TestEnv {
         |_| {},
         |s| {
             s.coedit.presence_interval = Duration::from_millis(100);
+            s.coedit.attribution_interval = Duration::from_millis(200);
             tweak(&mut s.coedit);
         },
     )
@@ -967,4 +968,110 @@ async fn bad_input_is_refused_with_problem_json() {
     let (s, _) = cursor_rest(&env, "d-bad", "bob", 0).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     a.exit().await;
+}
+
+#[tokio::test]
+async fn document_metrics_per_collaborator_team_conflicts_and_score() {
+    let env = env_with(|_| {}).await;
+    setup(
+        &env,
+        "d-met",
+        &[
+            ("alice", ProjectRole::Editor),
+            ("bob", ProjectRole::Editor),
+            ("rita", ProjectRole::Reader),
+        ],
+    )
+    .await;
+    env.add_member(OTHER_PROJECT, "olga", ProjectRole::Owner)
+        .await;
+    let ib = Inbox::user(&env, "bob").await;
+    let mut a = peer(&env.base, &env, "d-met", "alice").await;
+    let mut b = peer(&env.base, &env, "d-met", "bob").await;
+    a.insert(0, "hello brave world\n").await;
+    a.quiesce(300).await;
+    let len_a = "hello brave world\n".len() as u64;
+    b.insert(len_a, "second paragraph here").await;
+    b.quiesce(300).await;
+    // Both move into paragraph 1 (a prediction), then both edit it within seconds (a
+    // collision that still happened).
+    a.cursor(len_a + 2, len_a + 2).await;
+    b.cursor(len_a + 5, len_a + 5).await;
+    assert_eq!(ib.wait_warnings(1, Duration::from_secs(2)).await.len(), 1);
+    a.insert(len_a + 2, "X").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.insert(len_a + 10, "Y").await;
+    let text = b.quiesce(300).await;
+    let path = "/api/realtime/collaboration/project/p-pr/document/d-met/metrics";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (s, body) = env.get(path, &env.token("rita")).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let ready = body["collaborators"].as_array().is_some_and(|c| {
+            c.len() == 2 && c.iter().all(|u| u["edits"].as_u64().unwrap_or(0) >= 2)
+        }) && body["conflicts"]["collisions"] == 1;
+        if ready || Instant::now() >= deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let users = body["collaborators"].as_array().unwrap();
+    assert_eq!(users.len(), 2, "{body}");
+    let (ua, ub) = (&users[0], &users[1]);
+    assert_eq!(
+        (ua["userId"].as_str(), ub["userId"].as_str()),
+        (Some("alice"), Some("bob"))
+    );
+    assert_eq!(ua["wordsAdded"], 3, "{body}");
+    assert_eq!(ub["wordsAdded"], 3, "{body}");
+    assert_eq!(ua["charactersAdded"], len_a + 1);
+    assert_eq!(ua["charactersInText"], len_a + 1);
+    assert_eq!(ub["charactersInText"], 22);
+    assert!(ua["activeMinutes"].as_u64().unwrap() >= 1);
+    let share = ua["shareOfText"].as_f64().unwrap() + ub["shareOfText"].as_f64().unwrap();
+    assert!((share - 1.0).abs() < 0.01, "{body}");
+    assert_eq!(body["text"]["characters"], text.encode_utf16().count());
+    assert_eq!(body["text"]["unattributedCharacters"], 0);
+    assert_eq!(body["team"]["collaborators"], 2);
+    assert_eq!(body["team"]["wordsAdded"], 6);
+    assert!(body["team"]["wordsPerHour"].as_f64().unwrap() > 0.0);
+    let hours = body["team"]["activeCollaboratorsOverTime"]
+        .as_array()
+        .unwrap();
+    assert_eq!(hours.last().unwrap()["activeCollaborators"], 2, "{body}");
+    assert_eq!(body["conflicts"]["predicted"], 1);
+    assert_eq!(body["conflicts"]["collisions"], 1);
+    assert_eq!(body["conflicts"]["collisionsAfterWarning"], 1);
+    let score = body["efficiency"]["score"].as_u64().unwrap();
+    assert!(score <= 100, "{body}");
+    // Avoidance: one warning, one collision after it: 0.
+    assert_eq!(body["efficiency"]["avoidance"], 0.0);
+    // Who may ask, and about what.
+    for (p, token, status, code) in [
+        (
+            path.to_string(),
+            env.token("olga"),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            "/api/realtime/collaboration/project/p-other/document/d-met/metrics".into(),
+            env.token("olga"),
+            StatusCode::NOT_FOUND,
+            "document_not_found",
+        ),
+        (
+            "/api/realtime/collaboration/project/p-pr/document/d.x/metrics".into(),
+            env.token("alice"),
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+    ] {
+        let (s, b) = env.get(&p, &token).await;
+        assert_eq!((s, b["code"].as_str()), (status, Some(code)), "{p}: {b}");
+    }
+    let (s, _) = env.get(path, &env.service_token()).await;
+    assert_eq!(s, StatusCode::OK);
+    a.exit().await;
+    b.exit().await;
 }
