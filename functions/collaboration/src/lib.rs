@@ -94,17 +94,20 @@ impl Coedit {
             next_conn: AtomicU64::new(1),
         }));
         access::spawn_listener(coedit.clone()).await?;
-        coedit.spawn_heartbeat().await?;
+        coedit.spawn_heartbeat().await;
         Ok(coedit)
     }
 
     /// Keeps this instance's heartbeat alive in Redis (the first one before serving, so its
     /// sessions are never taken for a dead instance's); removed on shutdown, so the others
     /// drop whatever presence is left at once rather than after the TTL.
-    async fn spawn_heartbeat(&self) -> anyhow::Result<()> {
+    async fn spawn_heartbeat(&self) {
         let ttl = self.config.instance_ttl;
         let mut redis = self.app.redis.clone();
-        presence::heartbeat(&mut redis, &self.instance_id, ttl).await?;
+        // Redis down at start delays presence, not co-editing: the ticker retries.
+        if let Err(e) = presence::heartbeat(&mut redis, &self.instance_id, ttl).await {
+            tracing::warn!(error = %e, "instance heartbeat not stored yet");
+        }
         let instance = self.instance_id.clone();
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -123,7 +126,6 @@ impl Coedit {
             let _: redis::RedisResult<()> =
                 redis::AsyncCommands::del(&mut redis, presence::instance_key(&instance)).await;
         });
-        Ok(())
     }
 
     pub(crate) fn next_connection_id(&self) -> u64 {

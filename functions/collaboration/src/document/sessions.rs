@@ -1010,6 +1010,10 @@ impl Actor {
             self.sessions
                 .warned
                 .retain(|_, (_, at)| at.elapsed() < config.conflict_interval);
+            let minute = Duration::from_secs(60);
+            self.sessions
+                .typed
+                .retain(|_, q| q.back().is_some_and(|(t, _)| now - *t <= minute));
         }
         if self
             .sessions
