@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use inkwire_collaboration::CoeditConfig;
 use inkwire_shared::membership::ProjectRole;
-use inkwire_tests::TestEnv;
 use inkwire_tests::yjs_peer::YjsPeer;
+use inkwire_tests::{TestEnv, WsClient};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -466,6 +466,13 @@ async fn rest_only_clients_get_the_same_warnings_and_positions_follow_edits() {
     assert_eq!(s, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(ia.warnings().is_empty());
+    // Alice also listens the way browsers do: the relay's WebSocket, `user:alice` and the
+    // document's channel.
+    let mut ws = WsClient::connect(&env.ws_url("presence", &env.token("alice"))).await;
+    for channel in ["user:alice", "document:d-rest"] {
+        let ok = ws.subscribe(channel, None).await;
+        assert_eq!(ok["op"], "subscribed", "{ok}");
+    }
     // Bob reports typing in Alice's paragraph.
     let (s, body) = env
         .post(
@@ -484,6 +491,36 @@ async fn rest_only_clients_get_the_same_warnings_and_positions_follow_edits() {
     assert_eq!((wa.len(), wb.len()), (1, 1));
     assert_eq!(wa[0].1["otherUserId"], "bob");
     assert_eq!(wa[0].1["severity"], "high");
+    let (mut warning, mut presence) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while (warning.is_none() || presence.is_none()) && Instant::now() < deadline {
+        let Ok(frame) = ws.next_within(Duration::from_secs(1)).await else {
+            continue;
+        };
+        if frame["op"] != "message" {
+            continue;
+        }
+        inkwire_shared::schema::schemas()
+            .validate("relay/server-message.json", &frame)
+            .unwrap_or_else(|e| panic!("{frame}: {e:?}"));
+        match frame["data"]["kind"].as_str() {
+            Some("conflict_warning") => warning = Some(frame),
+            Some("presence") if frame["data"]["collaborators"][0]["userId"] == "bob" => {
+                presence = Some(frame)
+            }
+            _ => {}
+        }
+    }
+    let warning = warning.expect("the warning over the relay");
+    assert_eq!(warning["channel"], "user:alice");
+    assert_eq!(warning["type"], "presence_update");
+    assert_eq!(warning["data"]["otherUserId"], "bob");
+    let presence = presence.expect("bob's presence over the relay");
+    assert_eq!(presence["channel"], "document:d-rest");
+    assert_eq!(
+        presence["data"]["collaborators"][0]["cursor"]["paragraph"],
+        3
+    );
     // A REST position is a relative position too: text inserted above moves it along.
     c.insert(0, "top\n").await;
     let list = until_collaborators(
