@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use inkwire_shared::channels::{self, Channel, ChannelKind, MessageType};
-use inkwire_shared::membership::ProjectRole;
+use inkwire_shared::membership::{ProjectRole, is_valid_id};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use yrs::{ClientID, Transact};
@@ -733,6 +733,15 @@ impl Actor {
     }
 
     fn remote_entry(&mut self, e: Entry) {
+        // Ids reach Redis keys and relay subjects: only well-formed ones, whatever another
+        // instance or a stored entry says.
+        if !is_valid_id(&e.user_id)
+            || !is_valid_id(&e.instance)
+            || !e.session_id.starts_with(&format!("{}:", e.user_id))
+            || e.session_id.len() > 100
+        {
+            return;
+        }
         let id = e.session_id.clone();
         self.sessions.changed.remove(&id);
         self.sessions.touched.remove(&id);
