@@ -1112,3 +1112,69 @@ async fn document_metrics_per_collaborator_team_conflicts_and_score() {
     a.exit().await;
     b.exit().await;
 }
+
+#[tokio::test]
+async fn losing_a_right_ends_presence_and_party_status_at_once() {
+    use inkwire_shared::access_changes::{AccessChange, announce};
+    use inkwire_shared::membership::set_member;
+    let env = env_with(|_| {}).await;
+    setup(
+        &env,
+        "d-lose",
+        &[
+            ("alice", ProjectRole::Editor),
+            ("bob", ProjectRole::Editor),
+            ("dora", ProjectRole::Editor),
+        ],
+    )
+    .await;
+    let ia = Inbox::user(&env, "alice").await;
+    let mut a = filled(&env, "d-lose", "alice").await;
+    let mut d = peer(&env.base, &env, "d-lose", "dora").await;
+    a.cursor(at(1, 1), at(1, 1)).await;
+    d.cursor(at(5, 1), at(5, 1)).await;
+    let (s, _) = cursor_rest(&env, "d-lose", "bob", at(4, 1)).await;
+    assert_eq!(s, StatusCode::OK);
+    let mut redis = env.state.redis.clone();
+    let changed = |user: &str| AccessChange::Member {
+        project_id: PROJECT.into(),
+        user_id: user.into(),
+    };
+    // Bob leaves the project: his REST session goes at once.
+    set_member(&mut redis, PROJECT, "bob", None).await.unwrap();
+    announce(&env.state.nats, &changed("bob")).await.unwrap();
+    let list = until_collaborators(
+        &env,
+        &env.base,
+        "d-lose",
+        "alice",
+        Duration::from_secs(3),
+        |l| of_user(l, "bob").is_none(),
+    )
+    .await;
+    assert!(of_user(&list, "bob").is_none(), "{list:?}");
+    // Dora becomes a reader: she stays present, viewing, and is no longer a party.
+    set_member(&mut redis, PROJECT, "dora", Some(ProjectRole::Reader))
+        .await
+        .unwrap();
+    announce(&env.state.nats, &changed("dora")).await.unwrap();
+    let list = until_collaborators(
+        &env,
+        &env.base,
+        "d-lose",
+        "alice",
+        Duration::from_secs(3),
+        |l| of_user(l, "dora").is_some_and(|d| d["role"] == "reader"),
+    )
+    .await;
+    let dora = of_user(&list, "dora").unwrap();
+    assert_eq!(
+        (dora["role"].as_str(), dora["mode"].as_str()),
+        (Some("reader"), Some("viewing"))
+    );
+    a.cursor(at(5, 4), at(5, 4)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(ia.warnings().is_empty(), "{:?}", ia.warnings());
+    a.exit().await;
+    d.exit().await;
+}
