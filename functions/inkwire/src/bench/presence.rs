@@ -11,8 +11,10 @@
 //! Every warning is checked against a brute-force oracle that replays the same moves in the
 //! same order with the rules written out afresh (same paragraph: high, neighbours: medium,
 //! first time per pair and paragraph or when the severity rises): the bench fails when a
-//! warning the oracle expects is missing or one it does not expect arrives. Each
-//! document's moves are spaced (`1 / rate`), so the server sees them in the oracle's order.
+//! warning the oracle expects is missing or one it does not expect arrives. A document's
+//! next move waits (besides the `1 / rate` pace) until the server relayed the previous one,
+//! so the server sees each document's moves in the oracle's order even when it falls behind
+//! (moves on different connections could otherwise be read in another order).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -227,6 +229,7 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
 
     // Connect every editor; readers note when a bench awareness state arrives elsewhere.
     let seen: Seen = Arc::default();
+    let notifies: Vec<Arc<tokio::sync::Notify>> = (0..args.docs).map(|_| Arc::default()).collect();
     let mut sinks = Vec::new();
     for d in 0..args.docs {
         let mut doc_sinks = Vec::new();
@@ -236,6 +239,7 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
             let (ws, _) = tokio_tungstenite::connect_async(url).await?;
             let (sink, mut stream) = ws.split();
             let seen = seen.clone();
+            let notify = notifies[d].clone();
             tokio::spawn(async move {
                 while let Some(Ok(msg)) = stream.next().await {
                     let WsMessage::Binary(b) = msg else { continue };
@@ -245,6 +249,8 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
                         for (c, entry) in a.clients {
                             seen.entry((c.get(), entry.clock)).or_insert(now);
                         }
+                        drop(seen);
+                        notify.notify_waiters();
                     }
                 }
             });
@@ -268,6 +274,8 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
         let moves = args.moves * per_doc;
         let paragraphs = args.paragraphs;
         let mut rng = args.seed ^ (d as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let seen = seen.clone();
+        let notify = notifies[d].clone();
         tasks.push(tokio::spawn(async move {
             let mut oracle = Oracle::default();
             let mut expected: Vec<(usize, usize, u32, &'static str, Instant)> = Vec::new();
@@ -293,6 +301,20 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
                     expected.push((e, other, place, sev, at));
                 }
                 next += gap;
+                // Until the server relayed it (it evaluated it in the same step).
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let woken = notify.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
+                    if seen.lock().unwrap().contains_key(&(client, clock)) {
+                        break;
+                    }
+                    if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                        break;
+                    }
+                }
+                next = next.max(tokio::time::Instant::now());
             }
             (d, expected, sent, doc_sinks)
         }));
