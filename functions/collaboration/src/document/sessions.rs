@@ -236,11 +236,14 @@ struct Warning {
 }
 
 /// Atomically: warn when nothing was warned for this pair and place within the interval, or
-/// when the severity rises.
+/// when the severity rises; a claimed warning is counted (`predicted`) and marks the pair as
+/// warned (for `collisionsAfterWarning`), in the same round trip.
 const CLAIM_WARNING: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > cur then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'predicted', 1)
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
   return 1
 end
 return 0
@@ -597,20 +600,14 @@ impl Actor {
             let key = format!("inkwire:coedit:{document}:warned:{u1}:{u2}:{}", w.place);
             let claimed: redis::RedisResult<i64> = redis::Script::new(CLAIM_WARNING)
                 .key(key)
+                .key(metrics_key(&document))
+                .key(pair_key(&document, u1, u2))
                 .arg(w.prediction.severity.rank())
                 .arg(interval.as_millis() as u64)
                 .invoke_async(&mut redis)
                 .await;
             match claimed {
-                Ok(1) => {
-                    let _: redis::RedisResult<()> = redis::pipe()
-                        .hincr(metrics_key(&document), "predicted", 1)
-                        .ignore()
-                        .pset_ex(pair_key(&document, u1, u2), 1, interval.as_millis() as u64)
-                        .ignore()
-                        .query_async(&mut redis)
-                        .await;
-                }
+                Ok(1) => {}
                 Ok(_) => return,
                 // Better a warning twice than none.
                 Err(e) => {
