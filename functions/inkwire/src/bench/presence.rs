@@ -231,7 +231,7 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
     let seen: Seen = Arc::default();
     let notifies: Vec<Arc<tokio::sync::Notify>> = (0..args.docs).map(|_| Arc::default()).collect();
     let mut sinks = Vec::new();
-    for d in 0..args.docs {
+    for (d, doc_notify) in notifies.iter().enumerate() {
         let mut doc_sinks = Vec::new();
         for e in 0..per_doc {
             let token = state.jwt.issue(&user(d, e), &[], Duration::from_secs(3600));
@@ -239,7 +239,7 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
             let (ws, _) = tokio_tungstenite::connect_async(url).await?;
             let (sink, mut stream) = ws.split();
             let seen = seen.clone();
-            let notify = notifies[d].clone();
+            let notify = doc_notify.clone();
             tokio::spawn(async move {
                 while let Some(Ok(msg)) = stream.next().await {
                     let WsMessage::Binary(b) = msg else { continue };
