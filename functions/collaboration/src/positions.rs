@@ -90,7 +90,15 @@ impl TextIndex {
     /// Where `sticky` points now; `None` when it refers to another type or to content this
     /// document has not received yet (it resolves once it has).
     pub fn resolve<T: ReadTxn>(&self, txn: &T, sticky: &StickyIndex) -> Option<Pos> {
-        let root = self.root.as_ref()?;
+        let Some(root) = self.root.as_ref() else {
+            // No text yet: a position in it (what a REST client gets on an empty document)
+            // is its start.
+            return matches!(sticky.scope(), IndexScope::Root(name) if &**name == TEXT_ROOT)
+                .then_some(Pos {
+                    offset: 0,
+                    paragraph: 0,
+                });
+        };
         let offset = sticky.get_offset(txn)?;
         if offset.branch != branch(root) {
             return None;
@@ -247,7 +255,14 @@ mod tests {
         let txn = doc.transact();
         let ix = TextIndex::of(&txn);
         assert_eq!(ix.len_utf16(), 0);
-        assert!(ix.sticky_at(&txn, 0).is_ok());
+        let s = ix.sticky_at(&txn, 0).unwrap();
+        assert_eq!(
+            ix.resolve(&txn, &s),
+            Some(Pos {
+                offset: 0,
+                paragraph: 0
+            })
+        );
         assert!(ix.sticky_at(&txn, 1).is_err());
     }
 }
