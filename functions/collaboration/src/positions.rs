@@ -182,7 +182,7 @@ impl TextIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yrs::{Doc, Text, Transact};
+    use yrs::{Doc, GetString, Text, Transact};
 
     #[test]
     fn sticky_positions_follow_inserts_above() {
@@ -222,6 +222,69 @@ mod tests {
         let txn = doc.transact();
         let ix = TextIndex::of(&txn);
         assert_eq!(ix.resolve(&txn, &end).unwrap().offset, ix.len_utf16());
+    }
+
+    /// Random edits around a marker (never deleting it): the relative position made for the
+    /// marker keeps resolving to the marker's offset and paragraph.
+    #[test]
+    fn positions_follow_random_edits() {
+        let mut seed = 7u64;
+        let mut rnd = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as usize) % n.max(1)
+        };
+        for round in 0..20 {
+            let doc = Doc::new();
+            let text = doc.get_or_insert_text(TEXT_ROOT);
+            text.insert(&mut doc.transact_mut(), 0, "ab\ncd§ef\ngh");
+            let sticky = {
+                let txn = doc.transact();
+                let ix = TextIndex::of(&txn);
+                ix.sticky_at(&txn, 5).unwrap()
+            };
+            for _ in 0..60 {
+                let current = text.get_string(&doc.transact());
+                let marker = current.find('§').unwrap();
+                let pieces = ["x", "\n", "é", "😀", "yz\n\n", " "];
+                if rnd(3) > 0 {
+                    // Insert at a random char boundary.
+                    let bounds: Vec<usize> = current
+                        .char_indices()
+                        .map(|(i, _)| i)
+                        .chain([current.len()])
+                        .collect();
+                    let at = bounds[rnd(bounds.len())];
+                    text.insert(
+                        &mut doc.transact_mut(),
+                        at as u32,
+                        pieces[rnd(pieces.len())],
+                    );
+                } else {
+                    // Delete one character that is not the marker.
+                    let chars: Vec<(usize, char)> = current
+                        .char_indices()
+                        .filter(|(i, _)| *i != marker)
+                        .collect();
+                    if let Some(&(i, c)) = chars.get(rnd(chars.len())) {
+                        text.remove_range(&mut doc.transact_mut(), i as u32, c.len_utf8() as u32);
+                    }
+                }
+                let txn = doc.transact();
+                let now = text.get_string(&txn);
+                let byte = now.find('§').unwrap();
+                let ix = TextIndex::of(&txn);
+                assert_eq!(
+                    ix.resolve(&txn, &sticky),
+                    Some(Pos {
+                        offset: now[..byte].encode_utf16().count() as u32,
+                        paragraph: now[..byte].matches('\n').count() as u32,
+                    }),
+                    "round {round}: {now:?}"
+                );
+            }
+        }
     }
 
     #[test]
