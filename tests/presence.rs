@@ -1178,3 +1178,46 @@ async fn losing_a_right_ends_presence_and_party_status_at_once() {
     a.exit().await;
     d.exit().await;
 }
+
+#[tokio::test]
+async fn a_rest_session_moves_with_its_requests_between_instances() {
+    let env = env_with(|_| {}).await;
+    setup(
+        &env,
+        "d-hop",
+        &[("alice", ProjectRole::Editor), ("bob", ProjectRole::Editor)],
+    )
+    .await;
+    let second = env
+        .second_instance_settings(|s| s.coedit.presence_interval = Duration::from_millis(100))
+        .await;
+    let ia = Inbox::user(&env, "alice").await;
+    let mut a = filled(&env, "d-hop", "alice").await;
+    a.cursor(at(6, 1), at(6, 1)).await;
+    // Bob's REST calls land on one instance, then on the other (a load balancer).
+    let (s, _) = cursor_rest(&env, "d-hop", "bob", at(2, 1)).await;
+    assert_eq!(s, StatusCode::OK);
+    let res = env
+        .http
+        .post(format!("{}/api/realtime/collaboration/cursor", second.base))
+        .bearer_auth(env.token("bob"))
+        .json(&json!({"documentId": "d-hop", "offset": at(6, 5)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // One session, where the last call put it, on both instances; Alice is warned once.
+    for base in [&env.base, &second.base] {
+        let list = until_collaborators(&env, base, "d-hop", "alice", Duration::from_secs(5), |l| {
+            of_user(l, "bob").is_some_and(|b| b["cursor"]["paragraph"] == 6)
+        })
+        .await;
+        let bobs: Vec<&Value> = list.iter().filter(|c| c["userId"] == "bob").collect();
+        assert_eq!(bobs.len(), 1, "{base}: {list:?}");
+        assert_eq!(bobs[0]["cursor"]["paragraph"], 6);
+    }
+    let w = ia.wait_warnings(1, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ia.warnings().len(), 1, "{w:?}");
+    a.exit().await;
+}
