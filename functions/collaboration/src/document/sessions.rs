@@ -774,8 +774,18 @@ impl Actor {
                     if e.instance == self.coedit.instance_id {
                         continue;
                     }
-                    // A REST user whose requests now reach another instance: it owns the
-                    // session from here on.
+                    // The newest entry wins (last seen, then instance id): a REST user whose
+                    // requests now reach another instance is owned there from here on, and
+                    // an older entry arriving late (an instance's flush crossing the other's)
+                    // changes nothing — if it is ours, we say so again.
+                    if let Some(s) = self.sessions.map.get(&e.session_id)
+                        && (e.last_seen, &e.instance) <= (s.entry.last_seen, &s.entry.instance)
+                    {
+                        if s.local {
+                            self.sessions.changed.insert(e.session_id.clone());
+                        }
+                        continue;
+                    }
                     let unchanged = self
                         .sessions
                         .map
