@@ -1221,3 +1221,36 @@ async fn a_rest_session_moves_with_its_requests_between_instances() {
     assert_eq!(ia.warnings().len(), 1, "{w:?}");
     a.exit().await;
 }
+
+#[tokio::test]
+async fn a_collision_across_instances_is_counted_once() {
+    let env = env_with(|_| {}).await;
+    setup(
+        &env,
+        "d-col",
+        &[("alice", ProjectRole::Editor), ("bob", ProjectRole::Editor)],
+    )
+    .await;
+    let second = env
+        .second_instance_settings(|s| s.coedit.attribution_interval = Duration::from_millis(200))
+        .await;
+    let mut a = filled(&env, "d-col", "alice").await;
+    let mut b = peer(&second.base, &env, "d-col", "bob").await;
+    b.quiesce(300).await;
+    // Both type in paragraph 2, in turns, a few characters each.
+    for i in 0..4u64 {
+        a.insert(at(2, 3) + i, "a").await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        b.insert(at(2, 1), "b").await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    a.quiesce(300).await;
+    let path = "/api/realtime/collaboration/project/p-pr/document/d-col/metrics";
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, body) = env.get(path, &env.token("alice")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["conflicts"]["collisions"], 1, "{body}");
+    assert_eq!(body["conflicts"]["collisionsAfterWarning"], 0, "{body}");
+    a.exit().await;
+    b.exit().await;
+}

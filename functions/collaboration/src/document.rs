@@ -751,10 +751,17 @@ impl Actor {
         let author = headers
             .and_then(|h| h.get(AUTHOR_HEADER))
             .map(|v| v.as_str().to_string());
+        // Words count only where the update was accepted, and the paragraph of another
+        // instance's update only matters when someone else edited here just before (a
+        // collision): otherwise the text is not read.
+        let text = ours
+            || author
+                .as_deref()
+                .is_some_and(|a| self.other_author_recently(a));
         let measure = if self.applied.remove(&sequence) {
             self.measured.remove(&sequence)
         } else {
-            match protocol::apply_measured(&self.doc, &msg.payload) {
+            match protocol::apply_measured_with(&self.doc, &msg.payload, text) {
                 Ok(m) => {
                     self.size += msg.payload.len();
                     self.broadcast(protocol::update(&msg.payload).into());
@@ -775,9 +782,7 @@ impl Actor {
             self.measured.remove(&s);
         }
         if let (Some(author), Some(m)) = (author.as_deref(), measure.as_ref()) {
-            if let Some(paragraph) = m.paragraph {
-                self.edit_for_collisions(author, paragraph, ours);
-            }
+            self.edit_for_collisions(author, m.paragraph, ours);
             self.document_changed(Some(author), m.inserted);
         }
         if let (true, Some(author), Some(m)) = (ours, author, measure) {

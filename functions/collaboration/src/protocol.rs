@@ -143,9 +143,18 @@ pub struct Measure {
 /// Applies `update` to `doc` and measures it. Reads the text before and after (linear in its
 /// length) to count words and find the paragraph.
 pub fn apply_measured(doc: &Doc, update: &[u8]) -> Result<Measure, String> {
+    apply_measured_with(doc, update, true)
+}
+
+/// [`apply_measured`]; without `text`, words and paragraph are not measured (and the text is
+/// not read).
+pub fn apply_measured_with(doc: &Doc, update: &[u8], text: bool) -> Result<Measure, String> {
     let upd = Update::decode_v1(update).map_err(|e| e.to_string())?;
     let mut txn = doc.transact_mut();
     let text_of = |txn: &yrs::TransactionMut| {
+        if !text {
+            return String::new();
+        }
         txn.get_text(crate::positions::TEXT_ROOT)
             .map(|t| yrs::GetString::get_string(&t, txn))
             .unwrap_or_default()

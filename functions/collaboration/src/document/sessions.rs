@@ -126,8 +126,8 @@ pub(super) struct Sessions {
     typed: HashMap<String, VecDeque<(Instant, u64)>>,
     last_sweep: Option<Instant>,
     last_alive_check: Option<Instant>,
-    /// Recent edits (when, author, paragraph) for collision counting.
-    recent_edits: VecDeque<(Instant, String, u32)>,
+    /// Recent edits (when, author, paragraph if measured) for collision counting.
+    recent_edits: VecDeque<(Instant, String, Option<u32>)>,
     /// (user, user, paragraph) → when a collision was last counted.
     collided: HashMap<(String, String, u32), Instant>,
 }
@@ -431,10 +431,21 @@ impl Actor {
         }
     }
 
+    /// Did another user than `author` edit within [`COLLISION_WINDOW`]?
+    pub(super) fn other_author_recently(&self, author: &str) -> bool {
+        let now = Instant::now();
+        self.sessions
+            .recent_edits
+            .iter()
+            .rev()
+            .take_while(|(t, _, _)| now - *t <= COLLISION_WINDOW)
+            .any(|(_, u, _)| u != author)
+    }
+
     /// An edit by `author` in `paragraph` was applied (every instance sees every edit); the
     /// instance that accepted it (`ours`) counts a collision when another user edited the
     /// same paragraph within [`COLLISION_WINDOW`].
-    pub(super) fn edit_for_collisions(&mut self, author: &str, paragraph: u32, ours: bool) {
+    pub(super) fn edit_for_collisions(&mut self, author: &str, paragraph: Option<u32>, ours: bool) {
         let now = Instant::now();
         let q = &mut self.sessions.recent_edits;
         while q
@@ -445,7 +456,7 @@ impl Actor {
         }
         let others: Vec<String> = q
             .iter()
-            .filter(|(_, u, p)| *p == paragraph && u != author)
+            .filter(|(_, u, p)| paragraph.is_some() && *p == paragraph && u != author)
             .map(|(_, u, _)| u.clone())
             .collect::<HashSet<_>>()
             .into_iter()
@@ -453,9 +464,9 @@ impl Actor {
         if q.len() < 10_000 {
             q.push_back((now, author.to_string(), paragraph));
         }
-        if !ours || others.is_empty() {
+        let Some(paragraph) = paragraph.filter(|_| ours && !others.is_empty()) else {
             return;
-        }
+        };
         self.sessions
             .collided
             .retain(|_, t| now - *t <= COLLISION_WINDOW);
