@@ -236,6 +236,59 @@ const ROUTES: &[Route] = &[
         As::Owner,
     ),
     route(Method::GET, "/api/realtime/writing/stats", None, As::Owner),
+    // Co-editing: the document REST API, presence and analytics.
+    route(
+        Method::GET,
+        "/api/realtime/collaboration/document/{document}/content",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/collaboration/document/{document}/contributions",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/collaboration/presence",
+        Some(|| {
+            json!({"documentId": "d-1", "mode": "editing", "offset": 0,
+                "selection": {"anchor": 0, "head": 0}, "viewport": {"first": 0, "last": 0},
+                "device": "web"})
+        }),
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/collaboration/cursor",
+        Some(|| json!({"documentId": "d-1", "offset": 0, "selection": {"anchor": 0, "head": 0}})),
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/collaboration/edit",
+        Some(|| json!({"documentId": "d-1", "offset": 0, "inserted": 1, "deleted": 0})),
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/collaboration/document/{document}/collaborators",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/collaboration/document/{document}/conflicts",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/collaboration/project/{project}/document/{document}/metrics",
+        None,
+        As::Owner,
+    ),
     // Notifications (`{notification}` is in u-1's inbox, `{scheduled}` a send u-1 scheduled;
     // the deleting routes come last).
     route(

@@ -148,6 +148,25 @@ impl YjsPeer {
             .unwrap()
     }
 
+    /// Puts the awareness cursor (Yjs relative positions) at `anchor..head` of the text.
+    pub async fn cursor(&mut self, anchor: u64, head: u64) {
+        self.call(json!({"cmd": "cursor", "anchor": anchor, "head": head}))
+            .await;
+    }
+
+    /// Sets the awareness `mode` (`editing`, `viewing`, `commenting`) and cursor.
+    pub async fn cursor_mode(&mut self, anchor: u64, head: u64, mode: &str) {
+        self.call(json!({"cmd": "cursor", "anchor": anchor, "head": head, "mode": mode}))
+            .await;
+    }
+
+    /// The client's Yjs client id.
+    pub async fn client_id(&mut self) -> u64 {
+        self.call(json!({"cmd": "clientId"})).await["clientId"]
+            .as_u64()
+            .unwrap()
+    }
+
     pub async fn stats(&mut self) -> Value {
         self.call(json!({"cmd": "stats"})).await
     }

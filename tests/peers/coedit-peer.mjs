@@ -7,7 +7,9 @@
 //
 // Commands: {"id":1,"cmd":"..."} → a reply {"id":1,...}. Events: {"event":"..."}.
 //   waitSynced, edits {n, seed}, insert {index, text}, text, state (base64 update),
-//   quiesce {ms}, disconnect, connect, awareness {state}, peers, stats, exit.
+//   quiesce {ms}, disconnect, connect, awareness {state}, peers, stats, exit,
+//   cursor {anchor, head, mode?} (the awareness `cursor` of y-codemirror / y-prosemirror:
+//   relative positions in Yjs JSON form; anchor null removes it), clientId.
 import * as Y from 'yjs'
 import { WebsocketProvider } from 'y-websocket'
 import * as authProtocol from 'y-protocols/auth'
@@ -93,6 +95,19 @@ async function handle (msg) {
     case 'disconnect': provider.disconnect(); return {}
     case 'connect': provider.connect(); return {}
     case 'awareness': provider.awareness.setLocalState(msg.state); return {}
+    case 'cursor': {
+      const state = { ...(provider.awareness.getLocalState() || {}) }
+      const rel = (i) => Y.relativePositionToJSON(Y.createRelativePositionFromTypeIndex(text, i))
+      if (msg.anchor === null || msg.anchor === undefined) {
+        delete state.cursor
+      } else {
+        state.cursor = { anchor: rel(msg.anchor), head: rel(msg.head ?? msg.anchor) }
+      }
+      if (msg.mode) state.mode = msg.mode
+      provider.awareness.setLocalState(state)
+      return {}
+    }
+    case 'clientId': return { clientId: doc.clientID }
     case 'peers': {
       const peers = []
       provider.awareness.getStates().forEach((state, id) => {

@@ -5,7 +5,9 @@
 //! - `GET …/document/{id}/state`: the document as one binary Yjs update (v1,
 //!   `application/octet-stream`; `Y.applyUpdate(doc, bytes)` restores it);
 //! - `GET …/document/{id}/contributions`: per user, characters inserted and deleted,
-//!   updates and active minutes.
+//!   words added and deleted, updates and active minutes;
+//! - `GET …/project/{projectId}/document/{documentId}/metrics`: contribution and team
+//!   analytics with the collaboration efficiency score (`metrics`).
 //!
 //! Any member of the document's project may read (service and admin callers too). The
 //! answers come from the stream (snapshot plus updates), not from a live copy, so the API
@@ -25,8 +27,8 @@ use inkwire_shared::problem::{Problem, dependency_failed};
 use serde_json::json;
 use yrs::{GetString, ReadTxn, StateVector, Transact};
 
-use crate::attribution;
 use crate::storage::Store;
+use crate::{attribution, metrics};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -50,6 +52,10 @@ pub fn routes(api: DocumentsApi) -> Router {
         .route(
             &format!("{BASE}/{{document_id}}/contributions"),
             get(contributions),
+        )
+        .route(
+            "/api/realtime/collaboration/project/{project_id}/document/{document_id}/metrics",
+            get(metrics),
         )
         .with_state(api)
 }
@@ -171,4 +177,95 @@ async fn contributions(
         Ok(c) => axum::Json(json!({"documentId": document, "contributors": c})).into_response(),
         Err(e) => dependency_failed("redis", e).into_response(),
     }
+}
+
+async fn metrics(
+    State(api): State<DocumentsApi>,
+    caller: Caller,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Response {
+    match metrics_of(&api, &caller, path).await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(p) => p.into_response(),
+    }
+}
+
+async fn metrics_of(
+    api: &DocumentsApi,
+    caller: &Caller,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<serde_json::Value, Problem> {
+    let (project, document) = match path {
+        Ok(Path((p, d))) if is_valid_id(&p) && is_valid_id(&d) => (p, d),
+        _ => {
+            return Err(Problem::bad_request(
+                "invalid_id",
+                "project and document ids must be 1-64 letters, digits, '_' or '-'",
+            ));
+        }
+    };
+    let mut redis = api.app.redis.clone();
+    let redis_err = |e| dependency_failed("redis", e);
+    if !caller.is_privileged() {
+        membership::role_of(&mut redis, &project, &caller.user_id)
+            .await
+            .map_err(redis_err)?
+            .ok_or_else(|| Problem::forbidden("not a member of this project"))?;
+    }
+    let owner = membership::project_of_document(&mut redis, &document)
+        .await
+        .map_err(redis_err)?;
+    if owner.as_deref() != Some(project.as_str()) {
+        return Err(Problem::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "document_not_found",
+            "the document is not registered in this project",
+        ));
+    }
+    let contributors = attribution::contributions(&mut redis, &document)
+        .await
+        .map_err(redis_err)?;
+    let team_minutes = attribution::team_minutes(&mut redis, &document)
+        .await
+        .map_err(redis_err)?;
+    let (clients, activity, counters): (
+        std::collections::HashMap<u64, String>,
+        std::collections::HashMap<String, u64>,
+        std::collections::HashMap<String, u64>,
+    ) = redis::pipe()
+        .hgetall(attribution::clients_key(&document))
+        .hgetall(attribution::activity_key(&document))
+        .hgetall(crate::document::sessions::metrics_key(&document))
+        .query_async(&mut redis)
+        .await
+        .map_err(redis_err)?;
+    let doc = load(api, &document).await?;
+    let mut text_by_user: std::collections::BTreeMap<String, u64> = Default::default();
+    for (client, n) in metrics::text_by_client(&doc) {
+        let user = clients
+            .get(&client)
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        *text_by_user.entry(user).or_default() += n;
+    }
+    let activity = activity
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let (hour, user) = k.split_once(':')?;
+            Some(((hour.parse::<i64>().ok()?, user.to_string()), v))
+        })
+        .collect();
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let inputs = metrics::Inputs {
+        contributors,
+        text_by_user,
+        team_minutes,
+        activity,
+        conflicts: metrics::ConflictCounts {
+            predicted: counter("predicted"),
+            collisions: counter("collisions"),
+            collisions_after_warning: counter("collisionsAfterWarning"),
+        },
+    };
+    Ok(metrics::report(&project, &document, &inputs))
 }

@@ -98,8 +98,12 @@ pub struct Pending {
     pub inserted: u64,
     pub deleted: u64,
     pub updates: u64,
+    pub words_added: u64,
+    pub words_deleted: u64,
     /// Unix minutes with at least one update.
     pub minutes: BTreeSet<i64>,
+    /// Yjs client ids the user wrote with (who wrote which text).
+    pub clients: BTreeSet<u64>,
 }
 
 /// Adds an edit to the pending aggregates.
@@ -116,7 +120,14 @@ pub fn aggregate(
     p.inserted += m.inserted;
     p.deleted += m.deleted;
     p.updates += 1;
+    p.words_added += m.words_added;
+    p.words_deleted += m.words_deleted;
     p.minutes.insert(at.unix_timestamp().div_euclid(60));
+    if let Some(c) = m.client
+        && p.clients.len() < 64
+    {
+        p.clients.insert(c);
+    }
 }
 
 /// The `collaboration.edit_applied` data of an aggregate over `period`.
@@ -205,27 +216,47 @@ async fn run(
 
 /// Adds one aggregate to the document's contribution hash; active minutes count minutes
 /// after the last one counted (so two instances reporting the same minute count it once,
-/// in the common case).
+/// in the common case). The same minutes are counted per hour and user in the activity hash
+/// (`{unixHour}:{user}` → minutes) and, for the team, under the pseudo-user `*` (minutes
+/// in which anyone edited), for the metrics route.
 const ADD_CONTRIBUTION: &str = r#"
-local key, user = KEYS[1], ARGV[1]
+local key, activity, user = KEYS[1], KEYS[2], ARGV[1]
 redis.call('HINCRBY', key, user .. ':inserted', ARGV[2])
 redis.call('HINCRBY', key, user .. ':deleted', ARGV[3])
 redis.call('HINCRBY', key, user .. ':updates', ARGV[4])
-local last = tonumber(redis.call('HGET', key, user .. ':lastMinute') or '-1')
-local added = 0
-for i = 5, #ARGV do
-  local m = tonumber(ARGV[i])
-  if m > last then
-    added = added + 1
-    last = m
+redis.call('HINCRBY', key, user .. ':wordsAdded', ARGV[5])
+redis.call('HINCRBY', key, user .. ':wordsDeleted', ARGV[6])
+local function count(who)
+  local last = tonumber(redis.call('HGET', key, who .. ':lastMinute') or '-1')
+  local added = 0
+  for i = 7, #ARGV do
+    local m = tonumber(ARGV[i])
+    if m > last then
+      added = added + 1
+      last = m
+      redis.call('HINCRBY', activity, math.floor(m / 60) .. ':' .. who, 1)
+    end
   end
+  if added > 0 then
+    redis.call('HINCRBY', key, who .. ':minutes', added)
+    redis.call('HSET', key, who .. ':lastMinute', last)
+  end
+  return added
 end
-if added > 0 then
-  redis.call('HINCRBY', key, user .. ':minutes', added)
-  redis.call('HSET', key, user .. ':lastMinute', last)
-end
+local added = count(user)
+count('*')
 return added
 "#;
+
+/// The Redis hash of a document's activity per hour: `{unixHour}:{user}` → active minutes.
+pub fn activity_key(document: &str) -> String {
+    format!("inkwire:coedit:{document}:activity")
+}
+
+/// The Redis hash of which user wrote with which Yjs client id.
+pub fn clients_key(document: &str) -> String {
+    format!("inkwire:coedit:{document}:clients")
+}
 
 /// The Redis hash of a document's contributions.
 pub fn contributions_key(document: &str) -> String {
@@ -243,22 +274,34 @@ async fn flush(
         let mut invocation = script.prepare_invoke();
         invocation
             .key(contributions_key(&document))
+            .key(activity_key(&document))
             .arg(&user)
             .arg(p.inserted)
             .arg(p.deleted)
-            .arg(p.updates);
+            .arg(p.updates)
+            .arg(p.words_added)
+            .arg(p.words_deleted);
         for m in &p.minutes {
             invocation.arg(*m);
         }
         if let Err(e) = invocation.invoke_async::<i64>(redis).await {
             tracing::warn!(document, error = %e, "contribution counters not stored");
         }
+        if !p.clients.is_empty() {
+            let mut pipe = redis::pipe();
+            for c in &p.clients {
+                pipe.hset_nx(clients_key(&document), c, &user).ignore();
+            }
+            if let Err(e) = pipe.query_async::<()>(redis).await {
+                tracing::warn!(document, error = %e, "client authors not stored");
+            }
+        }
         let data = edit_applied_data(&p, period);
         publish(js, "edit_applied", &user, &p.project, &document, data).await;
     }
 }
 
-async fn publish(
+pub(crate) async fn publish(
     js: &async_nats::jetstream::Context,
     event_type: &str,
     user: &str,
@@ -291,6 +334,8 @@ pub struct Contribution {
     pub inserted: u64,
     pub deleted: u64,
     pub updates: u64,
+    pub words_added: u64,
+    pub words_deleted: u64,
     pub active_minutes: u64,
 }
 
@@ -306,12 +351,29 @@ pub async fn contributions(
     Ok(parse_contributions(all))
 }
 
+/// Minutes in which anyone edited the document.
+pub async fn team_minutes(
+    redis: &mut ConnectionManager,
+    document: &str,
+) -> redis::RedisResult<u64> {
+    let v: Option<i64> = redis::cmd("HGET")
+        .arg(contributions_key(document))
+        .arg("*:minutes")
+        .query_async(redis)
+        .await?;
+    Ok(v.unwrap_or(0).max(0) as u64)
+}
+
 fn parse_contributions(all: HashMap<String, i64>) -> Vec<Contribution> {
     let mut by_user: std::collections::BTreeMap<String, Contribution> = Default::default();
     for (field, value) in all {
         let Some((user, what)) = field.rsplit_once(':') else {
             continue;
         };
+        // The team's minutes, not a user.
+        if user == "*" {
+            continue;
+        }
         let c = by_user
             .entry(user.to_string())
             .or_insert_with(|| Contribution {
@@ -324,6 +386,8 @@ fn parse_contributions(all: HashMap<String, i64>) -> Vec<Contribution> {
             "deleted" => c.deleted = v,
             "updates" => c.updates = v,
             "minutes" => c.active_minutes = v,
+            "wordsAdded" => c.words_added = v,
+            "wordsDeleted" => c.words_deleted = v,
             _ => {}
         }
     }
@@ -353,6 +417,7 @@ mod tests {
                 Measure {
                     inserted: ins,
                     deleted: del,
+                    ..Default::default()
                 },
                 t0 + time::Duration::seconds(secs),
             );
@@ -409,6 +474,7 @@ mod tests {
             ("alice:minutes", 1),
             ("alice:lastMinute", 29_000_000),
             ("bob:inserted", 1),
+            ("*:minutes", 3),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -39,6 +39,18 @@ pub struct CoeditConfig {
     pub recheck_interval: Duration,
     /// How long loading a document may take before the connection is refused.
     pub load_timeout: Duration,
+    /// Presence not renewed for this long is removed (REST clients, and any client whose
+    /// instance stopped renewing it).
+    pub presence_ttl: Duration,
+    /// Presence changes of a document are coalesced into one `presence_update` per interval
+    /// (so a cursor produces at most `1 / interval` frames per second).
+    pub presence_interval: Duration,
+    /// The same pair of users in the same place is warned at most once per interval (again
+    /// sooner only when the severity rises).
+    pub conflict_interval: Duration,
+    /// An instance's heartbeat lives this long in Redis (renewed every third of it); the
+    /// presence of an instance whose heartbeat expired is removed by the others.
+    pub instance_ttl: Duration,
 }
 
 impl Default for CoeditConfig {
@@ -57,6 +69,10 @@ impl Default for CoeditConfig {
             attribution_interval: Duration::from_secs(5),
             recheck_interval: Duration::from_secs(30),
             load_timeout: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(15 * 60),
+            presence_interval: Duration::from_millis(250),
+            conflict_interval: Duration::from_secs(5 * 60),
+            instance_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -153,6 +169,18 @@ impl CoeditConfig {
         }
         if let Some(d) = duration(&get, "INKWIRE_COEDIT_LOAD_TIMEOUT", ms(100))? {
             c.load_timeout = d;
+        }
+        if let Some(d) = duration(&get, "INKWIRE_COEDIT_PRESENCE_TTL", ms(1000))? {
+            c.presence_ttl = d;
+        }
+        if let Some(d) = duration(&get, "INKWIRE_COEDIT_PRESENCE_INTERVAL", ms(10))? {
+            c.presence_interval = d;
+        }
+        if let Some(d) = duration(&get, "INKWIRE_COEDIT_CONFLICT_INTERVAL", ms(100))? {
+            c.conflict_interval = d;
+        }
+        if let Some(d) = duration(&get, "INKWIRE_COEDIT_INSTANCE_TTL", ms(1000))? {
+            c.instance_ttl = d;
         }
         Ok(c)
     }

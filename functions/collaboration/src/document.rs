@@ -37,6 +37,8 @@ use crate::protocol::{self, Incoming, Measure};
 use crate::storage::{AUTHOR_HEADER, Follower, Loaded};
 use crate::{Coedit, DocCell};
 
+pub mod sessions;
+
 /// Header naming the instance that accepted an update or sent an awareness message.
 pub const INSTANCE_HEADER: &str = "Inkwire-Instance";
 
@@ -106,6 +108,8 @@ pub enum Command {
     },
     /// Compact now and answer (tests, shutdown).
     CompactNow(oneshot::Sender<()>),
+    /// Presence: REST changes, snapshots, and the answers of background checks.
+    Presence(sessions::PresenceCommand),
 }
 
 /// A connection as the document sees it.
@@ -185,6 +189,7 @@ struct Actor {
     last_recheck: Instant,
     last_sweep: Instant,
     follower: Follower,
+    sessions: sessions::Sessions,
 }
 
 /// Starts the task of a loaded document and returns its handle.
@@ -216,6 +221,7 @@ pub fn spawn(coedit: Coedit, id: &str, project: &str, loaded: Loaded, cell: DocC
         last_recheck: Instant::now(),
         last_sweep: Instant::now(),
         follower: loaded.follower,
+        sessions: sessions::Sessions::default(),
     };
     tokio::spawn(actor.run(rx));
     handle
@@ -239,6 +245,40 @@ impl Actor {
         if awareness_sub.is_some() {
             self.query_remote_awareness();
         }
+        // Presence: follow the other instances' changes first, then read what Redis holds,
+        // so nothing announced in between is missed.
+        let mut presence_sub = match self
+            .coedit
+            .app
+            .nats
+            .subscribe(crate::presence::presence_subject(&self.id))
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(document = %self.id, error = %e, "presence across instances unavailable");
+                None
+            }
+        };
+        // Inline, before any command: a snapshot asked right after loading must see them.
+        let mut redis = self.coedit.app.redis.clone();
+        let ttl = self.coedit.config.presence_ttl;
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::presence::load(&mut redis, &self.id, ttl),
+        )
+        .await
+        {
+            Ok(Ok(entries)) => {
+                self.presence_command(sessions::PresenceCommand::Loaded(entries));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(document = %self.id, error = %e, "stored presence not read")
+            }
+            Err(_) => tracing::warn!(document = %self.id, "reading stored presence timed out"),
+        }
+        let mut presence_tick = tokio::time::interval(self.coedit.config.presence_interval);
+        presence_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let tick_every = (self.coedit.config.idle_unload / 4)
             .min(self.coedit.config.compact_interval / 2)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -267,6 +307,15 @@ impl Actor {
                 } => if let Some(msg) = msg {
                     self.remote_awareness(&msg);
                 },
+                msg = async {
+                    match presence_sub.as_mut() {
+                        Some(s) => s.next().await,
+                        None => futures::future::pending().await,
+                    }
+                } => if let Some(msg) = msg {
+                    self.remote_presence(&msg);
+                },
+                _ = presence_tick.tick() => self.presence_tick(),
                 _ = tick.tick() => {
                     if self.tick() {
                         break;
@@ -295,6 +344,7 @@ impl Actor {
                 .out
                 .try_send(Out::Close(1012, "document unloaded; reconnect".into()));
         }
+        self.presence_unload();
         if self.followed > self.compacted {
             let state = self.state();
             if let Err(e) = self
@@ -319,6 +369,7 @@ impl Actor {
     fn tick(&mut self) -> bool {
         let config = self.coedit.config.clone();
         if self.conns.is_empty()
+            && !self.sessions.has_local()
             && self
                 .empty_since
                 .is_some_and(|t| t.elapsed() >= config.idle_unload)
@@ -424,6 +475,7 @@ impl Actor {
                     self.compacted = self.compacted.max(covered);
                 }
             }
+            Command::Presence(cmd) => self.presence_command(cmd),
             Command::CompactNow(reply) => {
                 if self.compacting || self.followed <= self.compacted {
                     let _ = reply.send(());
@@ -492,6 +544,7 @@ impl Actor {
     }
 
     fn leave(&mut self, id: u64, reason: LeaveReason) {
+        self.connection_presence_gone(id);
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
@@ -537,21 +590,49 @@ impl Actor {
     }
 
     fn local_awareness(&mut self, id: u64, update: AwarenessUpdate, raw: Bytes) {
-        let Some(conn) = self.conns.get_mut(&id) else {
+        if !self.conns.contains_key(&id) {
             return;
-        };
+        }
+        // y-websocket sends on every awareness change, its peers' included, so a connection
+        // echoes the states the server relayed to it. Only a state newer than the one known
+        // is the connection's own: the first connection to send a client's fresh state owns
+        // that client (for removal on leave, and for presence, which must not put one
+        // user's cursor under another user's name).
+        let mut own: Vec<(ClientID, String)> = Vec::new();
         for (client, entry) in &update.clients {
+            let fresh = self
+                .awareness
+                .meta(*client)
+                .is_none_or(|(clock, _)| entry.clock > clock);
+            if !fresh {
+                continue;
+            }
+            let owner = self
+                .conns
+                .iter()
+                .find(|(_, c)| c.clients.contains(client))
+                .map(|(cid, _)| *cid);
+            if owner.is_some_and(|o| o != id) {
+                continue;
+            }
+            let conn = self.conns.get_mut(&id).expect("checked above");
             if &*entry.json == "null" {
                 conn.clients.remove(client);
             } else if conn.clients.len() < 64 {
                 conn.clients.insert(*client);
+            } else {
+                continue;
             }
+            own.push((*client, entry.json.to_string()));
         }
         if let Err(e) = self.awareness.apply_update(update) {
             tracing::debug!(document = %self.id, error = %e, "awareness update not applied");
         }
         self.broadcast(raw.clone());
         self.publish_awareness(raw);
+        if !own.is_empty() {
+            self.awareness_presence(id, &own);
+        }
     }
 
     fn publish_awareness(&self, frame: Bytes) {
@@ -645,6 +726,7 @@ impl Actor {
                 self.measured.insert(sequence, m);
                 self.size += update.len();
                 self.broadcast(protocol::update(update).into());
+                self.document_changed(None, 0);
             }
             Err(e) => {
                 tracing::warn!(document = %self.id, sequence, error = %e, "stored update does not apply");
@@ -669,10 +751,17 @@ impl Actor {
         let author = headers
             .and_then(|h| h.get(AUTHOR_HEADER))
             .map(|v| v.as_str().to_string());
+        // Words count only where the update was accepted, and the paragraph of another
+        // instance's update only matters when someone else edited here just before (a
+        // collision): otherwise the text is not read.
+        let text = ours
+            || author
+                .as_deref()
+                .is_some_and(|a| self.other_author_recently(a));
         let measure = if self.applied.remove(&sequence) {
             self.measured.remove(&sequence)
         } else {
-            match protocol::apply_measured(&self.doc, &msg.payload) {
+            match protocol::apply_measured_with(&self.doc, &msg.payload, text) {
                 Ok(m) => {
                     self.size += msg.payload.len();
                     self.broadcast(protocol::update(&msg.payload).into());
@@ -691,6 +780,10 @@ impl Actor {
             }
             self.applied.remove(&s);
             self.measured.remove(&s);
+        }
+        if let (Some(author), Some(m)) = (author.as_deref(), measure.as_ref()) {
+            self.edit_for_collisions(author, m.paragraph, ours);
+            self.document_changed(Some(author), m.inserted);
         }
         if let (true, Some(author), Some(m)) = (ours, author, measure) {
             self.coedit.attribution.record(Record::Edit {
@@ -711,7 +804,13 @@ impl Actor {
             .filter(|(_, c)| user.as_ref().is_none_or(|u| *u == c.user))
             .map(|(id, c)| (*id, c.user.clone()))
             .collect();
-        if targets.is_empty() {
+        let rest_users: Vec<String> = self
+            .sessions
+            .rest_users()
+            .into_iter()
+            .filter(|u| user.as_ref().is_none_or(|x| x == u))
+            .collect();
+        if targets.is_empty() && rest_users.is_empty() {
             return;
         }
         let mut redis = self.coedit.app.redis.clone();
@@ -730,13 +829,28 @@ impl Actor {
                     };
                     roles.push((conn, role));
                 }
-                Ok::<_, redis::RedisError>(roles)
+                let mut rest = Vec::new();
+                for user in rest_users {
+                    let role = if now_in.as_deref() == Some(&*project) {
+                        membership::role_of(&mut redis, &project, &user).await?
+                    } else {
+                        None
+                    };
+                    rest.push((user, role));
+                }
+                Ok::<_, redis::RedisError>((roles, rest))
             })
             .await;
             match checked {
-                Ok(Ok(roles)) => {
+                Ok(Ok((roles, rest))) => {
                     if let Some(h) = me.handle_of(&id) {
                         h.send(Command::Roles(roles)).await;
+                        if !rest.is_empty() {
+                            h.send(Command::Presence(sessions::PresenceCommand::RestRoles(
+                                rest,
+                            )))
+                            .await;
+                        }
                     }
                 }
                 // A failed check keeps the connections until the next one.
@@ -753,6 +867,7 @@ impl Actor {
                     if let Some(c) = self.conns.get_mut(&id) {
                         c.role = role;
                     }
+                    self.connection_role(id, role);
                 }
                 None => {
                     if let Some(c) = self.conns.get(&id) {

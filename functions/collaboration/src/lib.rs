@@ -11,14 +11,22 @@
 //!   `INKWIRE_COEDIT_IDLE_UNLOAD` (`config`);
 //! - edits are attributed per user (`attribution`), and the REST API serves a document's
 //!   text, binary state and contributions (`api`); losing a right drops or demotes live
-//!   connections at once (`access`).
+//!   connections at once (`access`);
+//! - presence per document from awareness and REST (`presence`, `presence_api`), resolved
+//!   from Yjs relative positions (`positions`) by each document task, with conflict
+//!   prediction (`conflicts`) and warnings (`document::sessions`).
 
 pub mod access;
 pub mod api;
 pub mod attribution;
 pub mod config;
+pub mod conflicts;
 pub mod connection;
 pub mod document;
+pub mod metrics;
+pub mod positions;
+pub mod presence;
+pub mod presence_api;
 pub mod protocol;
 pub mod storage;
 
@@ -86,7 +94,38 @@ impl Coedit {
             next_conn: AtomicU64::new(1),
         }));
         access::spawn_listener(coedit.clone()).await?;
+        coedit.spawn_heartbeat().await;
         Ok(coedit)
+    }
+
+    /// Keeps this instance's heartbeat alive in Redis (the first one before serving, so its
+    /// sessions are never taken for a dead instance's); removed on shutdown, so the others
+    /// drop whatever presence is left at once rather than after the TTL.
+    async fn spawn_heartbeat(&self) {
+        let ttl = self.config.instance_ttl;
+        let mut redis = self.app.redis.clone();
+        // Redis down at start delays presence, not co-editing: the ticker retries.
+        if let Err(e) = presence::heartbeat(&mut redis, &self.instance_id, ttl).await {
+            tracing::warn!(error = %e, "instance heartbeat not stored yet");
+        }
+        let instance = self.instance_id.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = presence::heartbeat(&mut redis, &instance, ttl).await {
+                            tracing::warn!(error = %e, "instance heartbeat not renewed");
+                        }
+                    }
+                    _ = shutdown.wait() => break,
+                }
+            }
+            let _: redis::RedisResult<()> =
+                redis::AsyncCommands::del(&mut redis, presence::instance_key(&instance)).await;
+        });
     }
 
     pub(crate) fn next_connection_id(&self) -> u64 {
@@ -175,7 +214,9 @@ pub fn routes(coedit: Coedit) -> Router {
         app: coedit.app.clone(),
         store: coedit.store.clone(),
     };
-    connection::routes(coedit).merge(api::routes(api))
+    connection::routes(coedit.clone())
+        .merge(api::routes(api))
+        .merge(presence_api::routes(coedit))
 }
 
 /// The co-editing service as a complete service (its own binary): routes and health behind

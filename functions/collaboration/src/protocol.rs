@@ -127,30 +127,114 @@ pub fn would_change(doc: &Doc, update: &[u8]) -> bool {
     !ds.diff(&txn.snapshot().delete_set).is_empty()
 }
 
-/// What applying an update did: clock units inserted (characters, for text) and deleted.
+/// What applying an update did: clock units inserted (characters, for text) and deleted,
+/// net words added and removed where the text `content` changed, the paragraph it changed
+/// in, and the Yjs client that wrote most of it (for "who wrote this text").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Measure {
     pub inserted: u64,
     pub deleted: u64,
+    pub words_added: u64,
+    pub words_deleted: u64,
+    pub paragraph: Option<u32>,
+    pub client: Option<u64>,
 }
 
-/// Applies `update` to `doc` and measures it.
+/// Applies `update` to `doc` and measures it. Reads the text before and after (linear in its
+/// length) to count words and find the paragraph.
 pub fn apply_measured(doc: &Doc, update: &[u8]) -> Result<Measure, String> {
+    apply_measured_with(doc, update, true)
+}
+
+/// [`apply_measured`]; without `text`, words and paragraph are not measured (and the text is
+/// not read).
+pub fn apply_measured_with(doc: &Doc, update: &[u8], text: bool) -> Result<Measure, String> {
     let upd = Update::decode_v1(update).map_err(|e| e.to_string())?;
     let mut txn = doc.transact_mut();
+    let text_of = |txn: &yrs::TransactionMut| {
+        if !text {
+            return String::new();
+        }
+        txn.get_text(crate::positions::TEXT_ROOT)
+            .map(|t| yrs::GetString::get_string(&t, txn))
+            .unwrap_or_default()
+    };
+    let before_text = text_of(&txn);
     let before = txn.state_vector();
     txn.apply_update(upd).map_err(|e| e.to_string())?;
     let after = txn.state_vector();
-    let inserted = after
-        .iter()
-        .map(|(c, clock)| u64::from(clock.saturating_sub(before.get(c))))
-        .sum();
+    let mut client = None;
+    let mut most = 0;
+    let mut inserted = 0u64;
+    for (c, clock) in after.iter() {
+        let n = u64::from(clock.saturating_sub(before.get(c)));
+        inserted += n;
+        if n > most {
+            most = n;
+            client = Some(*c);
+        }
+    }
     let deleted = txn
         .delete_set()
         .iter()
         .flat_map(|(_, ranges)| ranges.iter().map(|r| u64::from(r.end - r.start)))
         .sum();
-    Ok(Measure { inserted, deleted })
+    let change = text_change(&before_text, &text_of(&txn));
+    Ok(Measure {
+        inserted,
+        deleted,
+        words_added: change.words_added,
+        words_deleted: change.words_deleted,
+        paragraph: change.paragraph,
+        client: client.map(|c: yrs::ClientID| c.get()),
+    })
+}
+
+/// Net words added and removed by turning `before` into `after`, counted over the changed
+/// region widened to whole words (typing a word letter by letter adds one word), and the
+/// paragraph (in `after`) where the change starts; `None` when the text did not change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TextChange {
+    pub words_added: u64,
+    pub words_deleted: u64,
+    pub paragraph: Option<u32>,
+}
+
+pub fn text_change(before: &str, after: &str) -> TextChange {
+    if before == after {
+        return TextChange::default();
+    }
+    let (b, a) = (before.as_bytes(), after.as_bytes());
+    let mut prefix = b.iter().zip(a).take_while(|(x, y)| x == y).count();
+    while !before.is_char_boundary(prefix) || !after.is_char_boundary(prefix) {
+        prefix -= 1;
+    }
+    let max_suffix = b.len().min(a.len()) - prefix;
+    let mut suffix = b
+        .iter()
+        .rev()
+        .zip(a.iter().rev())
+        .take(max_suffix)
+        .take_while(|(x, y)| x == y)
+        .count();
+    while !before.is_char_boundary(b.len() - suffix) || !after.is_char_boundary(a.len() - suffix) {
+        suffix -= 1;
+    }
+    // Widen to word boundaries: the common prefix and suffix are the same in both texts.
+    let start = before[..prefix].rfind(char::is_whitespace).map_or(0, |i| {
+        i + before[i..].chars().next().map_or(1, char::len_utf8)
+    });
+    let grow = before[b.len() - suffix..]
+        .find(char::is_whitespace)
+        .unwrap_or(suffix);
+    let words = |s: &str| s.split_whitespace().count() as u64;
+    let wb = words(&before[start..b.len() - suffix + grow]);
+    let wa = words(&after[start..a.len() - suffix + grow]);
+    TextChange {
+        words_added: wa.saturating_sub(wb),
+        words_deleted: wb.saturating_sub(wa),
+        paragraph: Some(after[..prefix].bytes().filter(|c| *c == b'\n').count() as u32),
+    }
 }
 
 #[cfg(test)]
@@ -262,24 +346,32 @@ mod tests {
         let del = client2.transact().encode_state_as_update_v1(&sv2);
         assert!(would_change(&server, &del));
         let m = apply_measured(&server, &del).unwrap();
-        assert_eq!(
-            m,
-            Measure {
-                inserted: 0,
-                deleted: 2
-            }
-        );
+        assert_eq!((m.inserted, m.deleted), (0, 2));
         let m = apply_measured(&server, &ins).unwrap();
-        assert_eq!(
-            m,
-            Measure {
-                inserted: 1,
-                deleted: 0
-            }
-        );
+        assert_eq!((m.inserted, m.deleted), (1, 0));
+        assert!(m.client.is_some());
         // Applied twice: nothing new.
         assert_eq!(apply_measured(&server, &ins).unwrap(), Measure::default());
         assert_eq!(t2.get_string(&client2.transact()), "lo");
+    }
+
+    #[test]
+    fn words_and_paragraphs_of_a_change() {
+        let c = |b: &str, a: &str| {
+            let t = text_change(b, a);
+            (t.words_added, t.words_deleted, t.paragraph)
+        };
+        // Typing a word letter by letter adds one word.
+        assert_eq!(c("", "h"), (1, 0, Some(0)));
+        assert_eq!(c("h", "he"), (0, 0, Some(0)));
+        assert_eq!(c("hello", "hello "), (0, 0, Some(0)));
+        assert_eq!(c("hello ", "hello w"), (1, 0, Some(0)));
+        assert_eq!(c("one\ntwo three", "one\ntwo"), (0, 1, Some(1)));
+        assert_eq!(c("one two", "one"), (0, 1, Some(0)));
+        assert_eq!(c("a\nb\nc", "a\nb\nnew words here\nc"), (3, 0, Some(2)));
+        assert_eq!(c("same", "same"), (0, 0, None));
+        assert_eq!(c("éé x", "éé yx"), (0, 0, Some(0)));
+        assert_eq!(c("ab", "a b"), (1, 0, Some(0)));
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod histogram;
 mod ingest;
 mod load_client;
 mod notify;
+mod presence;
 mod report;
 mod tracker;
 
@@ -26,6 +27,9 @@ pub enum Scenario {
     /// Co-editing: stock Yjs clients typing into shared documents, inkwire's `/ws/docs` vs the
     /// reference `@y/websocket-server` on the same load.
     Coedit(coedit::CoeditArgs),
+    /// Presence: editors moving awareness cursors over documents; move → conflict warning
+    /// latency, checked against a brute-force oracle, vs the plain awareness relay.
+    Presence(presence::PresenceArgs),
     /// The client side of `fanout`, run as a separate process (internal).
     #[command(hide = true)]
     FanoutClients(fanout::ClientsArgs),
@@ -118,6 +122,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Tracker(args) => tracker::run(args).await,
         Scenario::Notify(args) => notify::run(args).await,
         Scenario::Coedit(args) => coedit::run(args).await,
+        Scenario::Presence(args) => presence::run(args).await,
         Scenario::FanoutClients(args) => fanout::clients(args).await,
     }
 }
