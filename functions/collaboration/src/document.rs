@@ -190,6 +190,9 @@ struct Actor {
     last_sweep: Instant,
     follower: Follower,
     sessions: sessions::Sessions,
+    /// Bumped whenever an update is applied to `doc`: presence reuses the text it read for
+    /// positions until the document changes.
+    doc_version: u64,
 }
 
 /// Starts the task of a loaded document and returns its handle.
@@ -222,6 +225,7 @@ pub fn spawn(coedit: Coedit, id: &str, project: &str, loaded: Loaded, cell: DocC
         last_sweep: Instant::now(),
         follower: loaded.follower,
         sessions: sessions::Sessions::default(),
+        doc_version: 0,
     };
     tokio::spawn(actor.run(rx));
     handle
@@ -722,6 +726,7 @@ impl Actor {
         }
         match protocol::apply_measured(&self.doc, update) {
             Ok(m) => {
+                self.doc_version += 1;
                 self.applied.insert(sequence);
                 self.measured.insert(sequence, m);
                 self.size += update.len();
@@ -763,6 +768,7 @@ impl Actor {
         } else {
             match protocol::apply_measured_with(&self.doc, &msg.payload, text) {
                 Ok(m) => {
+                    self.doc_version += 1;
                     self.size += msg.payload.len();
                     self.broadcast(protocol::update(&msg.payload).into());
                     Some(m)

@@ -130,6 +130,22 @@ pub(super) struct Sessions {
     recent_edits: VecDeque<(Instant, String, Option<u32>)>,
     /// (user, user, paragraph) → when a collision was last counted.
     collided: HashMap<(String, String, u32), Instant>,
+    /// The text as last read for positions, with the document version it was read at:
+    /// awareness moves between two edits (most of them) resolve against it without reading
+    /// the document again.
+    index: Option<(u64, TextIndex)>,
+}
+
+/// The text index of `version`, read again only when the document changed since.
+fn index_at<'a, T: yrs::ReadTxn>(
+    cache: &'a mut Option<(u64, TextIndex)>,
+    version: u64,
+    txn: &T,
+) -> &'a TextIndex {
+    if cache.as_ref().is_none_or(|(v, _)| *v != version) {
+        *cache = Some((version, TextIndex::of(txn)));
+    }
+    &cache.as_ref().expect("just set").1
 }
 
 /// Edits by two users in one paragraph within this window are a collision.
@@ -520,7 +536,7 @@ impl Actor {
         let mut warnings = Vec::new();
         {
             let txn = self.doc.transact();
-            let ix = TextIndex::of(&txn);
+            let ix = index_at(&mut self.sessions.index, self.doc_version, &txn);
             let mut parties: Vec<(&String, &Session, Span)> = Vec::new();
             for (id, s) in &self.sessions.map {
                 let r = Resolved {
@@ -835,7 +851,7 @@ impl Actor {
         };
         {
             let txn = self.doc.transact();
-            let ix = TextIndex::of(&txn);
+            let ix = index_at(&mut self.sessions.index, self.doc_version, &txn);
             let out = |pointer: &'static str, value: u32, limit: u32| RestError::OutOfRange {
                 pointer,
                 value,
@@ -949,7 +965,7 @@ impl Actor {
 
     fn evaluate_resolution_only(&mut self) {
         let txn = self.doc.transact();
-        let ix = TextIndex::of(&txn);
+        let ix = index_at(&mut self.sessions.index, self.doc_version, &txn);
         for (id, s) in &self.sessions.map {
             let r = Resolved {
                 cursor: s.entry.head.as_ref().and_then(|h| ix.resolve(&txn, h)),
