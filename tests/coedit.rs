@@ -31,16 +31,11 @@ async fn env_with(tweak: impl FnOnce(&mut CoeditConfig)) -> TestEnv {
 
 /// `doc` registered in the test project, with `members` (user, role).
 async fn setup(env: &TestEnv, doc: &str, members: &[(&str, ProjectRole)]) {
-    for (user, role) in members {
-        env.add_member(PROJECT, user, *role).await;
-    }
-    env.register_document(PROJECT, doc).await;
+    env.document_with_members(PROJECT, doc, members).await;
 }
 
 async fn peer(env_base: &str, env: &TestEnv, doc: &str, user: &str) -> YjsPeer {
-    let mut p = YjsPeer::start(env_base, doc, &env.token(user), false).await;
-    p.wait_synced().await;
-    p
+    env.synced_peer(env_base, doc, user).await
 }
 
 fn doc_from(state: &[u8]) -> Doc {

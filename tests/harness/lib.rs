@@ -233,6 +233,27 @@ impl TestEnv {
             .unwrap();
     }
 
+    /// Adds `members` (user, role) to `project` and registers `document` in it.
+    pub async fn document_with_members(
+        &self,
+        project: &str,
+        document: &str,
+        members: &[(&str, ProjectRole)],
+    ) {
+        for (user, role) in members {
+            self.add_member(project, user, *role).await;
+        }
+        self.register_document(project, document).await;
+    }
+
+    /// A stock Yjs client (`yjs_peer`) of `document` on the server at `base` as `user`,
+    /// synced.
+    pub async fn synced_peer(&self, base: &str, document: &str, user: &str) -> yjs_peer::YjsPeer {
+        let mut p = yjs_peer::YjsPeer::start(base, document, &self.token(user), false).await;
+        p.wait_synced().await;
+        p
+    }
+
     pub async fn send(
         &self,
         req: reqwest::RequestBuilder,

@@ -101,24 +101,10 @@ fn candidates(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zone_testing::{ZONES, ts, tz};
     use jiff::SignedDuration;
     use jiff::civil::{Weekday, date, time};
     use proptest::prelude::*;
-
-    const ZONES: [&str; 4] = [
-        "America/New_York",
-        "Europe/London",
-        "Asia/Kathmandu",
-        "Pacific/Chatham",
-    ];
-
-    fn tz(name: &str) -> TimeZone {
-        TimeZone::get(name).unwrap()
-    }
-
-    fn ts(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
 
     fn daily(h: i8, m: i8) -> DigestSetting {
         DigestSetting::daily(time(h, m, 0, 0))
@@ -341,23 +327,9 @@ mod tests {
         ]
     }
 
-    /// Instants over 2025–2027, half of them within two days of a transition.
+    /// Instants over 2025–2027, half of them within 50 hours of a transition.
     fn arb_instant(zone: &'static str) -> impl Strategy<Value = Timestamp> {
-        let z = tz(zone);
-        let from = ts("2025-01-01T00:00:00Z");
-        let mut tr: Vec<Timestamp> = z
-            .following(from)
-            .take_while(|t| t.timestamp() < ts("2028-01-01T00:00:00Z"))
-            .map(|t| t.timestamp())
-            .collect();
-        if tr.is_empty() {
-            tr.push(from);
-        }
-        prop_oneof![
-            (0i64..3 * 366 * 86_400).prop_map(move |s| from + SignedDuration::from_secs(s)),
-            (prop::sample::select(tr), -50 * 3600i64..50 * 3600)
-                .prop_map(|(t, s)| t + SignedDuration::from_secs(s)),
-        ]
+        crate::zone_testing::instant_near_transitions(zone, 50)
     }
 
     fn arb_case() -> impl Strategy<Value = (&'static str, Timestamp, DigestSetting)> {

@@ -25,3 +25,5 @@ pub mod rules;
 pub mod scheduler;
 pub mod send;
 pub mod templates;
+#[cfg(test)]
+mod zone_testing;

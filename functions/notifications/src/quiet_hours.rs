@@ -130,20 +130,10 @@ fn resolve(tz: &TimeZone, dt: DateTime, after: Option<Timestamp>) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zone_testing::{ZONES, ts, tz};
     use jiff::civil::{date, time};
     use jiff::{SignedDuration, ToSpan};
     use proptest::prelude::*;
-
-    const ZONES: [&str; 4] = [
-        "America/New_York",
-        "Europe/London",
-        "Asia/Kathmandu",
-        "Pacific/Chatham",
-    ];
-
-    fn tz(name: &str) -> TimeZone {
-        TimeZone::get(name).unwrap()
-    }
 
     fn window(start: (i8, i8), end: (i8, i8)) -> QuietHours {
         QuietHours {
@@ -151,11 +141,6 @@ mod tests {
             start: time(start.0, start.1, 0, 0),
             end: time(end.0, end.1, 0, 0),
         }
-    }
-
-    /// The instant of `local` (unambiguous, or with the given offset in hours) in `zone`.
-    fn ts(s: &str) -> Timestamp {
-        s.parse().unwrap()
     }
 
     #[test]
@@ -379,23 +364,9 @@ mod tests {
         );
     }
 
-    /// Instants spread over 2025–2027 and, half of the time, within a day of a transition.
+    /// Instants over 2025–2027, half of them within 30 hours of a transition.
     fn arb_instant(zone: &'static str) -> impl Strategy<Value = Timestamp> {
-        let z = tz(zone);
-        let from = ts("2025-01-01T00:00:00Z");
-        let mut transitions: Vec<Timestamp> = z
-            .following(from)
-            .take_while(|t| t.timestamp() < ts("2028-01-01T00:00:00Z"))
-            .map(|t| t.timestamp())
-            .collect();
-        if transitions.is_empty() {
-            transitions.push(from);
-        }
-        prop_oneof![
-            (0i64..3 * 366 * 86_400).prop_map(move |s| from + SignedDuration::from_secs(s)),
-            (prop::sample::select(transitions), -30 * 3600i64..30 * 3600)
-                .prop_map(|(t, s)| t + SignedDuration::from_secs(s)),
-        ]
+        crate::zone_testing::instant_near_transitions(zone, 30)
     }
 
     fn arb_case() -> impl Strategy<Value = (&'static str, Timestamp, QuietHours)> {
