@@ -18,8 +18,9 @@
 //!   `pending → sent` (cancelled: nothing is delivered, in_app is logged `cancelled`); then
 //!   the plan (`plan::plan` over the recipient's preferences, devices and mute state) is taken
 //!   once and kept at `inkwire:notify:plan:{id}` ([`PLAN_KEEP`]), so a redelivery acts on the
-//!   same decisions (the same hold time, the same digest window, the same mute verdict),
-//!   and each channel's decision is carried out:
+//!   same decisions (the same hold time, the same digest window, the same mute verdict) —
+//!   unless it holds in-app and skips only ([`StoredPlan::needs_keeping`]) —, and each
+//!   channel's decision is carried out:
 //!   in_app → `inbox::store` and `sent` logged in one round trip, then the push with the
 //!   unread count; deliver → the
 //!   `DeliveryJob` published (`Nats-Msg-Id` = job id) + `queued`; hold → the job kept at
@@ -270,6 +271,27 @@ pub struct StoredPlan {
     pub channels: Vec<StoredChannel>,
     /// Similar notifications muted before this one, reported by its jobs.
     pub muted_count: u32,
+}
+
+impl StoredPlan {
+    /// Whether a redelivery must find this plan rather than take it again: it holds a
+    /// decision that depends on when it was taken or on what came before (a send or hold on
+    /// an external channel, which met the mute window; a digest window; a mute verdict).
+    /// A plan of in-app and skips only is taken again from the preferences, and the delivery
+    /// log keeps a redelivery from acting twice on a channel, so it is not stored (one
+    /// Redis key and command fewer per in-app notification).
+    pub fn needs_keeping(&self) -> bool {
+        self.channels.iter().any(|c| {
+            c.channel != DeliveryChannel::InApp
+                && matches!(
+                    c.decision,
+                    StoredDecision::Deliver
+                        | StoredDecision::Hold { .. }
+                        | StoredDecision::Digest { .. }
+                        | StoredDecision::Mute
+                )
+        })
+    }
 }
 
 fn retry(what: &str, e: impl std::fmt::Display) -> HandlerError {
@@ -531,7 +553,7 @@ impl Notifier {
         let mut pipe = redis::pipe();
         let mut keeping = Vec::new();
         for (i, plan) in taken.iter().enumerate() {
-            if let Some(plan) = plan {
+            if let Some(plan) = plan.as_ref().filter(|p| p.needs_keeping()) {
                 // SET NX … GET: the plan kept first wins (a concurrent handling of the same
                 // message).
                 pipe.cmd("SET")
@@ -556,7 +578,8 @@ impl Notifier {
         }
         let plans: Vec<StoredPlan> = plans
             .into_iter()
-            .map(|p| p.expect("every notification has a plan"))
+            .zip(taken)
+            .map(|(kept, taken)| kept.or(taken).expect("every notification has a plan"))
             .collect();
 
         self.in_app_many(&mut redis, ns, &plans, &logs).await?;
@@ -1069,6 +1092,42 @@ pub async fn run_notifier(notifier: Notifier, shutdown: Shutdown) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plans_with_external_decisions_are_kept() {
+        let plan = |channels: Vec<(DeliveryChannel, StoredDecision)>| StoredPlan {
+            channels: channels
+                .into_iter()
+                .map(|(channel, decision)| StoredChannel { channel, decision })
+                .collect(),
+            muted_count: 0,
+        };
+        use DeliveryChannel::*;
+        let skip = StoredDecision::SkipNoAddress {
+            reason: "no address".into(),
+        };
+        assert!(!plan(vec![(InApp, StoredDecision::Deliver)]).needs_keeping());
+        assert!(
+            !plan(vec![
+                (InApp, StoredDecision::Deliver),
+                (Email, skip.clone()),
+                (Push, StoredDecision::SkipPreference)
+            ])
+            .needs_keeping()
+        );
+        for decision in [
+            StoredDecision::Deliver,
+            StoredDecision::Hold { until_ms: 1 },
+            StoredDecision::Digest {
+                key: "k".into(),
+                due_ms: 2,
+                window_start_ms: 1,
+            },
+            StoredDecision::Mute,
+        ] {
+            assert!(plan(vec![(InApp, StoredDecision::Deliver), (Sms, decision)]).needs_keeping());
+        }
+    }
     use std::collections::HashMap;
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
