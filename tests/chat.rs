@@ -254,6 +254,20 @@ async fn send_is_idempotent_history_pages_edits_deletes_reads_and_typing() {
         (Some(7), Some(0))
     );
 
+    // Reading only one's own messages passes nothing: still exact.
+    let (s, b) = env
+        .post(
+            &format!("{ROOMS}/{room}/read"),
+            &env.token("ana"),
+            &json!({"upTo": 7}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        (b["upTo"].as_u64(), b["unread"].as_u64()),
+        (Some(7), Some(0))
+    );
+
     // Typing: pushed, rate limited, never stored.
     let (s, b) = env
         .post(&format!("{ROOMS}/{room}/typing"), &ben, &json!({}))
@@ -271,9 +285,10 @@ async fn send_is_idempotent_history_pages_edits_deletes_reads_and_typing() {
         .iter()
         .filter_map(|f| f["data"]["event"].as_str())
         .collect();
+    // Ben at 4, at 2 (no move: the same receipt, pushed once), at 7; Ana at 7; typing.
     assert_eq!(
         events,
-        vec!["messages_read", "messages_read", "typing"],
+        vec!["messages_read", "messages_read", "messages_read", "typing"],
         "{frames:?}"
     );
     assert_eq!(frames[0]["data"]["upTo"], 4);

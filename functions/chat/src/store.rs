@@ -222,7 +222,9 @@ if up > cur then
     end
   end
   redis.call('HSET', KEYS[4], ARGV[1], up)
-  local left = redis.call('HINCRBY', KEYS[5], ARGV[1], -n)
+  -- Never HINCRBY by -0: Lua's -0 reaches Redis as "-0", which is not an integer to it.
+  local left = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+  if n > 0 then left = redis.call('HINCRBY', KEYS[5], ARGV[1], 0 - n) end
   if left < 0 then redis.call('HSET', KEYS[5], ARGV[1], 0); left = 0 end
   return {1, up, left, 1}
 end
