@@ -657,3 +657,35 @@ async fn typing(
     .await?;
     Ok(StatusCode::ACCEPTED.into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_sequences_are_checked_before_use() {
+        assert!(id("room", "r-1").is_ok());
+        for bad in ["", "a.b", "a*", "a>b", "a b", &"x".repeat(65)] {
+            assert_eq!(id("room", bad).unwrap_err().code, "invalid_id", "{bad:?}");
+        }
+        assert_eq!(seq_of("42").unwrap(), 42);
+        for bad in ["0", "-1", "+1", "x", "1.5", "99999999999999999999999"] {
+            assert_eq!(seq_of(bad).unwrap_err().code, "invalid_id", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn history_numbers_are_bounded() {
+        let mut p = HashMap::new();
+        p.insert("limit".to_string(), "101".to_string());
+        assert!(number(&p, "limit", MAX_PAGE).is_err());
+        p.insert("limit".to_string(), "100".to_string());
+        assert_eq!(number(&p, "limit", MAX_PAGE).unwrap(), Some(100));
+        assert!(refuse_unknown(&p, &["limit"]).is_ok());
+        p.insert("page".to_string(), "1".to_string());
+        assert_eq!(
+            refuse_unknown(&p, &["limit"]).unwrap_err().code,
+            "unknown_parameter"
+        );
+    }
+}
