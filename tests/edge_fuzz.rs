@@ -402,6 +402,68 @@ const ROUTES: &[Route] = &[
         None,
         As::Service,
     ),
+    // Chat (`{room}` is a room of u-1 and u-2; the deleting routes come last).
+    route(
+        Method::POST,
+        "/api/realtime/chat/rooms",
+        Some(|| json!({"name": "fuzz", "participants": ["u-2"]})),
+        As::Owner,
+    ),
+    route(Method::GET, "/api/realtime/chat/rooms", None, As::Owner),
+    route(
+        Method::GET,
+        "/api/realtime/chat/rooms/{room}",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/chat/rooms/{room}/participants",
+        Some(|| json!({"userId": "u-3"})),
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/chat/rooms/{room}/messages",
+        Some(|| json!({"clientMessageId": "c-1", "text": "hi"})),
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/chat/rooms/{room}/messages",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::PUT,
+        "/api/realtime/chat/rooms/{room}/messages/{seq}",
+        Some(|| json!({"text": "edited"})),
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/chat/rooms/{room}/read",
+        Some(|| json!({"upTo": 1})),
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/chat/rooms/{room}/typing",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::DELETE,
+        "/api/realtime/chat/rooms/{room}/messages/{seq}",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::DELETE,
+        "/api/realtime/chat/rooms/{room}/participants/{user}",
+        None,
+        As::Owner,
+    ),
     // Health.
     route(Method::GET, "/healthz", None, As::Nobody),
     route(Method::GET, "/readyz", None, As::Nobody),
@@ -549,6 +611,7 @@ struct Fuzzer {
     session: String,
     notification: String,
     scheduled: String,
+    room: String,
     requests: usize,
     failures: Vec<String>,
 }
@@ -573,6 +636,7 @@ impl Fuzzer {
             ("{seq}", "1"),
             ("{notification}", self.notification.as_str()),
             ("{scheduled}", self.scheduled.as_str()),
+            ("{room}", self.room.as_str()),
             ("{template}", "fuzz"),
             ("{device}", "fuzz-device"),
         ] {
@@ -825,6 +889,15 @@ async fn every_route_survives_odd_input() {
     assert_eq!(status, 201, "{started}");
     // A notification in u-1's inbox, a template, and a send u-1 scheduled.
     let (notification, scheduled) = notifications_to_fuzz(&env, &owner).await;
+    // A chat room of u-1 and u-2.
+    let (_, room) = env
+        .post(
+            "/api/realtime/chat/rooms",
+            &owner,
+            &json!({"name": "fuzz", "participants": ["u-2"]}),
+        )
+        .await;
+    let room = room["id"].as_str().expect("room created").to_string();
     let mut f = Fuzzer {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
@@ -835,6 +908,7 @@ async fn every_route_survives_odd_input() {
         session: started["sessionId"].as_str().unwrap().to_string(),
         notification,
         scheduled,
+        room,
         env,
         requests: 0,
         failures: Vec::new(),
@@ -909,6 +983,7 @@ async fn every_route_survives_odd_input() {
             "{seq}",
             "{notification}",
             "{scheduled}",
+            "{room}",
             "{template}",
             "{device}",
         ] {

@@ -125,6 +125,19 @@ pub fn desired_streams(config: &Config) -> Vec<stream::Config> {
         allow_direct: true,
         ..Default::default()
     });
+    // Chat (issue 12): a room's messages, edits and tombstones on `chat.{roomId}`. No age
+    // limit (the history is kept); deduplicated by room and sequence.
+    streams.push(stream::Config {
+        name: subjects::CHAT_STREAM.to_string(),
+        description: Some("inkwire chat: messages, edits and tombstones per room".into()),
+        subjects: vec![format!("{}.>", subjects::CHAT_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        duplicate_window: config.duplicate_window,
+        storage,
+        num_replicas: config.replicas,
+        allow_direct: true,
+        ..Default::default()
+    });
     streams.push(stream::Config {
         name: subjects::DLQ_STREAM.to_string(),
         description: Some("inkwire dead letters: messages consumers gave up on".into()),

@@ -26,6 +26,18 @@ pub const YDOC_STREAM: &str = "YDOC";
 /// Prefix of the YDOC stream's subjects.
 pub const YDOC_PREFIX: &str = "ydoc";
 
+/// Stream of chat rooms (issue 12): every message, edit and tombstone of a room on
+/// `chat.{roomId}` (room ids are checked before they reach a subject). No age limit: a room's
+/// history lives here.
+pub const CHAT_STREAM: &str = "CHAT";
+/// Prefix of the CHAT stream's subjects.
+pub const CHAT_PREFIX: &str = "chat";
+
+/// `chat.{roomId}`: the subject of a room's log. `room` must be a valid id.
+pub fn chat_subject(room: &str) -> String {
+    format!("{CHAT_PREFIX}.{room}")
+}
+
 /// Headers set on dead-letter copies.
 pub mod dlq_headers {
     pub const REASON: &str = "Inkwire-Dlq-Reason";

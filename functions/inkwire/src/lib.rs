@@ -1,7 +1,7 @@
 //! Every function of inkwire composed into one process: the events API, the relay (WebSocket
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
-//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
+//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
 //! end-to-end tests.
 
 use std::sync::Arc;
@@ -148,13 +148,17 @@ pub async fn start(
         config: notify,
         providers,
     };
+    let chat_state = state.clone();
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
         .merge(inkwire_relay::routes(relay.clone()))
         .merge(inkwire_writing::api::routes(writing))
         .merge(inkwire_notifications::api::routes(notifications))
-        .merge(inkwire_collaboration::routes(coedit.clone()));
+        .merge(inkwire_collaboration::routes(coedit.clone()))
+        .merge(inkwire_chat::routes(inkwire_chat::ChatApi {
+            app: chat_state,
+        }));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
