@@ -329,7 +329,20 @@ pub async fn add(
     privileged: bool,
     user: &str,
 ) -> redis::RedisResult<Outcome<bool>> {
-    let code: i64 = ADD
+    change_participant(&ADD, redis, room, caller, privileged, user).await
+}
+
+/// Runs the ADD or REMOVE script: both take the same keys and arguments and answer 1 when
+/// the participant changed now.
+async fn change_participant(
+    script: &Script,
+    redis: &mut ConnectionManager,
+    room: &str,
+    caller: &str,
+    privileged: bool,
+    user: &str,
+) -> redis::RedisResult<Outcome<bool>> {
+    let code: i64 = script
         .key(participants_key(room))
         .key(meta_key(room))
         .key(read_key(room))
@@ -372,19 +385,7 @@ pub async fn remove(
     privileged: bool,
     user: &str,
 ) -> redis::RedisResult<Outcome<bool>> {
-    let code: i64 = REMOVE
-        .key(participants_key(room))
-        .key(meta_key(room))
-        .key(read_key(room))
-        .key(unread_key(room))
-        .key(user_rooms_key(user))
-        .arg(caller)
-        .arg(user)
-        .arg(if privileged { "1" } else { "0" })
-        .arg(room)
-        .invoke_async(redis)
-        .await?;
-    Ok(outcome(code, code == 1))
+    change_participant(&REMOVE, redis, room, caller, privileged, user).await
 }
 
 /// Is `user` a participant of `room`?
