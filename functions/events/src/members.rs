@@ -37,14 +37,25 @@ fn check_id(what: &str, id: &str) -> Result<(), Problem> {
     }
 }
 
+/// The checks every member-only read starts with (the project id, then the caller's
+/// membership), answering the Redis connection to read with.
+async fn member_read(
+    state: &AppState,
+    caller: &Caller,
+    project: &str,
+) -> Result<redis::aio::ConnectionManager, Problem> {
+    check_id("projectId", project)?;
+    let mut redis = state.redis.clone();
+    crate::access::check_member(caller, project, &mut redis).await?;
+    Ok(redis)
+}
+
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Response, Problem> {
-    check_id("projectId", &project)?;
-    let mut redis = state.redis.clone();
-    crate::access::check_member(&caller, &project, &mut redis).await?;
+    let mut redis = member_read(&state, &caller, &project).await?;
     let members = membership::members(&mut redis, &project)
         .await
         .map_err(|e| dependency_failed("redis", e))?;
@@ -279,9 +290,7 @@ pub async fn list_documents(
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Response, Problem> {
-    check_id("projectId", &project)?;
-    let mut redis = state.redis.clone();
-    crate::access::check_member(&caller, &project, &mut redis).await?;
+    let mut redis = member_read(&state, &caller, &project).await?;
     let documents = membership::documents(&mut redis, &project)
         .await
         .map_err(|e| dependency_failed("redis", e))?;
