@@ -130,6 +130,11 @@ async fn send_is_idempotent_history_pages_edits_deletes_reads_and_typing() {
     let (s2, again) = send(&env, &room, "ana", "c-1", "one").await;
     assert_eq!(s2, StatusCode::OK, "{again}");
     assert_eq!(first, again);
+    // The same id with another text is a second message under a reused id, not a retry:
+    // refused, and nothing is stored, counted or logged.
+    let (s3, reused) = send(&env, &room, "ana", "c-1", "not one").await;
+    assert_eq!(s3, StatusCode::CONFLICT, "{reused}");
+    assert_eq!(reused["code"], "client_message_id_reused", "{reused}");
     for n in 2..=7 {
         send(&env, &room, "ana", &format!("c-{n}"), &format!("m{n}")).await;
     }

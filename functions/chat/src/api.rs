@@ -157,6 +157,11 @@ fn refused<T>(o: Outcome<T>, room: &str, seq: u64) -> Result<T, Problem> {
             "message_deleted",
             format!("message {seq} is deleted and cannot be edited"),
         )),
+        Outcome::IdReused => Err(Problem::conflict(
+            "client_message_id_reused",
+            "this clientMessageId was used before for a message with another text; a retry \
+             must repeat the text, a new message needs a new id",
+        )),
     }
 }
 

@@ -9,7 +9,8 @@
 //! - `inkwire:room:{r}:participants` (set): who is in the room, what the relay checks;
 //! - `inkwire:chat:room:{r}:meta` (hash): `name`, `createdBy`, `createdAt`, `seq` (last);
 //! - `inkwire:chat:room:{r}:messages` (hash): sequence → the message's current JSON;
-//! - `inkwire:chat:room:{r}:ids` (hash): `{sender}:{clientMessageId}` → sequence;
+//! - `inkwire:chat:room:{r}:ids` (hash): `{sender}:{clientMessageId}` → `{sequence}:{SHA-1 of
+//!   the text sent}` (the digest tells a retry from a second message under a reused id);
 //! - `inkwire:chat:room:{r}:read` / `:unread` (hashes): user → read position / unread count;
 //! - `inkwire:chat:user:{u}:rooms` (set): the rooms of a user.
 
@@ -57,6 +58,8 @@ pub enum Outcome<T> {
     NotYours,
     /// The message is deleted already (it cannot be edited).
     Deleted,
+    /// The client message id was used before for a message with another text.
+    IdReused,
 }
 
 fn outcome<T>(code: i64, value: T) -> Outcome<T> {
@@ -65,6 +68,7 @@ fn outcome<T>(code: i64, value: T) -> Outcome<T> {
         -1 => Outcome::NoMessage,
         -2 => Outcome::NotYours,
         -3 => Outcome::Deleted,
+        -4 => Outcome::IdReused,
         _ => Outcome::Done(value),
     }
 }
@@ -73,14 +77,19 @@ static SEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return {0, ''} end
-local existing = redis.call('HGET', KEYS[5], ARGV[2])
-if existing then return {2, redis.call('HGET', KEYS[3], existing)} end
-local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local m = cjson.decode(ARGV[3])
+local digest = redis.sha1hex(m['text'])
+local existing = redis.call('HGET', KEYS[5], ARGV[2])
+if existing then
+  local seq, sent = string.match(existing, '^(%d+):?(%x*)$')
+  if sent ~= '' and sent ~= digest then return {-4, ''} end
+  return {2, redis.call('HGET', KEYS[3], seq)}
+end
+local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 m['seq'] = seq
 local text = cjson.encode(m)
 redis.call('HSET', KEYS[3], seq, text)
-redis.call('HSET', KEYS[5], ARGV[2], seq)
+redis.call('HSET', KEYS[5], ARGV[2], seq .. ':' .. digest)
 for _, u in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if u ~= ARGV[1] then redis.call('HINCRBY', KEYS[4], u, 1) end
 end
@@ -90,7 +99,9 @@ return {1, text}
 });
 
 /// Stores a new message (`message` without `seq`). `Done((true, json))` when stored now,
-/// `Done((false, json))` when the client message id was stored before (the same message).
+/// `Done((false, json))` when the client message id was stored before with the same text (a
+/// retry: the message as it is now, edits included), `IdReused` when it was stored with
+/// another text.
 pub async fn send(
     redis: &mut ConnectionManager,
     room: &str,

@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::histogram::Histogram;
 
 const PROJECT: &str = "bench-fanout";
-const USER_PREFIX: &str = "fan-";
+pub(super) const USER_PREFIX: &str = "fan-";
 
 #[derive(Args)]
 pub struct FanoutArgs {
@@ -81,14 +81,14 @@ pub struct ClientsArgs {
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct ClientsSummary {
-    connected: u64,
-    failed: u64,
-    received: u64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    last_receive_ns: u64,
+pub(super) struct ClientsSummary {
+    pub connected: u64,
+    pub failed: u64,
+    pub received: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub last_receive_ns: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,7 +112,7 @@ struct FanoutResult {
     baseline_deliveries_per_sec: f64,
 }
 
-fn now_ns() -> u64 {
+pub(super) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -120,7 +120,7 @@ fn now_ns() -> u64 {
 }
 
 /// Resident memory of this process in bytes.
-fn rss_bytes() -> u64 {
+pub(super) fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -241,12 +241,22 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where and how the client process connects.
+pub(super) struct ClientsPlan<'a> {
+    pub url: &'a str,
+    /// The channel every client subscribes to (`project:…`, `room:…`).
+    pub channel: &'a str,
+    pub connections: usize,
+    /// Messages each client waits for.
+    pub expect: u64,
+    /// Talk to a bare broadcast server (no token, no subscribe).
+    pub bare: bool,
+    pub secret: &'a str,
+}
+
 /// Starts the client process and waits until every client is connected (and subscribed).
-async fn start_clients(
-    url: &str,
-    args: &FanoutArgs,
-    bare: bool,
-    secret: &str,
+pub(super) async fn start_clients(
+    plan: &ClientsPlan<'_>,
 ) -> anyhow::Result<(
     tokio::process::Child,
     tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
@@ -258,21 +268,21 @@ async fn start_clients(
         "bench",
         "fanout-clients",
         "--url",
-        url,
+        plan.url,
         "--channel",
-        &format!("project:{PROJECT}"),
+        plan.channel,
     ])
     .args([
         "--connections",
-        &args.connections.to_string(),
+        &plan.connections.to_string(),
         "--expect",
-        &(args.rate * args.seconds).to_string(),
+        &plan.expect.to_string(),
     ])
-    .env("INKWIRE_JWT_SECRET", secret)
+    .env("INKWIRE_JWT_SECRET", plan.secret)
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit())
     .kill_on_drop(true);
-    if bare {
+    if plan.bare {
         cmd.arg("--bare");
     }
     let mut child = cmd.spawn()?;
@@ -289,7 +299,7 @@ async fn start_clients(
     Ok((child, lines, connected))
 }
 
-async fn finish_clients(
+pub(super) async fn finish_clients(
     mut child: tokio::process::Child,
     mut lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 ) -> anyhow::Result<ClientsSummary> {
@@ -355,59 +365,104 @@ where
     Ok(first)
 }
 
-async fn scenario_bare(args: &FanoutArgs) -> anyhow::Result<FanoutResult> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("ws://{}/", listener.local_addr()?);
-    let senders: Arc<std::sync::Mutex<Vec<mpsc::Sender<Message>>>> = Arc::default();
-    let accept_senders = senders.clone();
-    let accept = tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let senders = accept_senders.clone();
-            tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                let Ok(ws) =
-                    tokio_tungstenite::accept_async_with_config(tcp, Some(ws_config())).await
-                else {
-                    return;
-                };
-                let (mut sink, mut stream) = ws.split();
-                let (tx, mut rx) = mpsc::channel::<Message>(1024);
-                senders.lock().expect("senders").push(tx);
-                loop {
-                    tokio::select! {
-                        m = rx.recv() => {
-                            let Some(m) = m else { break };
-                            if sink.feed(m).await.is_err() { break }
-                            while let Ok(m) = rx.try_recv() {
-                                if sink.feed(m).await.is_err() { return }
+/// A bare broadcast server: tokio + tungstenite (the library under the relay), no
+/// authentication, no NATS, a bounded queue per connection. The baseline of `fanout` and
+/// `chat`.
+pub(super) struct BareBroadcast {
+    pub url: String,
+    senders: Arc<std::sync::Mutex<Vec<mpsc::Sender<Message>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl BareBroadcast {
+    pub async fn start() -> anyhow::Result<BareBroadcast> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}/", listener.local_addr()?);
+        let senders: Arc<std::sync::Mutex<Vec<mpsc::Sender<Message>>>> = Arc::default();
+        let accept_senders = senders.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let senders = accept_senders.clone();
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    let Ok(ws) =
+                        tokio_tungstenite::accept_async_with_config(tcp, Some(ws_config())).await
+                    else {
+                        return;
+                    };
+                    let (mut sink, mut stream) = ws.split();
+                    let (tx, mut rx) = mpsc::channel::<Message>(1024);
+                    senders.lock().expect("senders").push(tx);
+                    loop {
+                        tokio::select! {
+                            m = rx.recv() => {
+                                let Some(m) = m else { break };
+                                if sink.feed(m).await.is_err() { break }
+                                while let Ok(m) = rx.try_recv() {
+                                    if sink.feed(m).await.is_err() { return }
+                                }
+                                if sink.flush().await.is_err() { break }
                             }
-                            if sink.flush().await.is_err() { break }
+                            incoming = stream.next() => if incoming.is_none() { break },
                         }
-                        incoming = stream.next() => if incoming.is_none() { break },
                     }
-                }
-            });
+                });
+            }
+        });
+        Ok(BareBroadcast {
+            url,
+            senders,
+            accept,
+        })
+    }
+
+    /// Queues `msg` for every connection; a full queue drops it (as the relay's would end
+    /// the connection).
+    pub fn offer(&self, msg: &Message) {
+        for tx in self.senders.lock().expect("senders").iter() {
+            let _ = tx.try_send(msg.clone());
         }
-    });
+    }
+
+    /// Queues `msg` for every connection, waiting for room in each queue.
+    pub async fn send(&self, msg: &Message) {
+        let senders = self.senders.lock().expect("senders").clone();
+        for tx in senders {
+            let _ = tx.send(msg.clone()).await;
+        }
+    }
+
+    pub fn stop(self) {
+        self.accept.abort();
+        self.senders.lock().expect("senders").clear();
+    }
+}
+
+async fn scenario_bare(args: &FanoutArgs) -> anyhow::Result<FanoutResult> {
+    let bare = BareBroadcast::start().await?;
     let rss_before = rss_bytes();
-    let (child, lines, connected) =
-        start_clients(&url, args, true, "unused-by-the-bare-server").await?;
+    let channel = format!("project:{PROJECT}");
+    let (child, lines, connected) = start_clients(&ClientsPlan {
+        url: &bare.url,
+        channel: &channel,
+        connections: args.connections,
+        expect: args.rate * args.seconds,
+        bare: true,
+        secret: "unused-by-the-bare-server",
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let per_conn = rss_bytes().saturating_sub(rss_before) / connected.max(1);
     let first = paced(args, |n| {
         let frame = json!({"op": "message", "channel": format!("project:{PROJECT}"), "seq": n + 1, "type": "system",
             "data": {"n": n, "sentNs": now_ns()}, "ts": "2026-11-21T10:00:00Z"})
         .to_string();
-        let msg = Message::Text(frame.into());
-        for tx in senders.lock().expect("senders").iter() {
-            let _ = tx.try_send(msg.clone());
-        }
+        bare.offer(&Message::Text(frame.into()));
         async { Ok(()) }
     })
     .await?;
     let summary = finish_clients(child, lines).await?;
-    accept.abort();
-    senders.lock().expect("senders").clear();
+    bare.stop();
     Ok(result(
         "baseline: bare broadcast",
         args,
@@ -429,11 +484,19 @@ async fn scenario_relay(args: &FanoutArgs, state: &AppState) -> anyhow::Result<F
     let served = super::Served::start(state, settings).await?;
     let url = format!("ws://{}/ws/collaboration", served.addr);
     let rss_before = rss_bytes();
-    let (child, lines, connected) =
-        start_clients(&url, args, false, &state.config.jwt_secret).await?;
+    let channel = format!("project:{PROJECT}");
+    let (child, lines, connected) = start_clients(&ClientsPlan {
+        url: &url,
+        channel: &channel,
+        connections: args.connections,
+        expect: args.rate * args.seconds,
+        bare: false,
+        secret: &state.config.jwt_secret,
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let per_conn = rss_bytes().saturating_sub(rss_before) / connected.max(1);
-    let channel = Channel::parse(&format!("project:{PROJECT}"))?;
+    let channel = Channel::parse(&channel)?;
     let js = state.js.clone();
     let first = paced(args, |n| {
         let js = js.clone();
@@ -471,10 +534,26 @@ struct Frame {
     data: Option<FrameData>,
 }
 
+/// A frame's data: `sentNs` (fanout), or a chat message whose text is the send time in
+/// nanoseconds (`chat`).
 #[derive(Deserialize)]
 struct FrameData {
-    #[serde(rename = "sentNs")]
-    sent_ns: u64,
+    #[serde(rename = "sentNs", default)]
+    sent_ns: Option<u64>,
+    #[serde(default)]
+    message: Option<ChatMessage>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    text: String,
+}
+
+impl FrameData {
+    fn sent_ns(&self) -> Option<u64> {
+        self.sent_ns
+            .or_else(|| self.message.as_ref().and_then(|m| m.text.parse().ok()))
+    }
 }
 
 /// The client process: connects, subscribes, reports `ready`, records every message, and
@@ -551,9 +630,9 @@ pub async fn clients(args: ClientsArgs) -> anyhow::Result<()> {
                 if frame.op != "message" {
                     continue;
                 }
-                if let Some(d) = frame.data {
+                if let Some(sent) = frame.data.as_ref().and_then(FrameData::sent_ns) {
                     let now = now_ns();
-                    histogram.record(Duration::from_nanos(now.saturating_sub(d.sent_ns)));
+                    histogram.record(Duration::from_nanos(now.saturating_sub(sent)));
                     last_receive.fetch_max(now, Ordering::Relaxed);
                 }
                 received.fetch_add(1, Ordering::Relaxed);

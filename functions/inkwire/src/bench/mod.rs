@@ -2,6 +2,7 @@
 //! report each figure beside it as a ratio, because machines (and especially shared CI
 //! machines) are noisy.
 
+mod chat;
 mod coedit;
 mod fanout;
 mod histogram;
@@ -30,6 +31,9 @@ pub enum Scenario {
     /// Presence: editors moving awareness cursors over documents; move → conflict warning
     /// latency, checked against a brute-force oracle, vs the plain awareness relay.
     Presence(presence::PresenceArgs),
+    /// Chat: messages through the chat API to every member of a room of 10 and of 1,000,
+    /// vs bare fan-out of the same messages to the same clients.
+    Chat(chat::ChatArgs),
     /// The client side of `fanout`, run as a separate process (internal).
     #[command(hide = true)]
     FanoutClients(fanout::ClientsArgs),
@@ -123,6 +127,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Notify(args) => notify::run(args).await,
         Scenario::Coedit(args) => coedit::run(args).await,
         Scenario::Presence(args) => presence::run(args).await,
+        Scenario::Chat(args) => chat::run(args).await,
         Scenario::FanoutClients(args) => fanout::clients(args).await,
     }
 }
