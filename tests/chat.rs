@@ -119,6 +119,37 @@ async fn thousand_concurrent_sends_are_stored_once_in_one_order_with_exact_unrea
     let (_, list) = env.get(ROOMS, &env.token("u1")).await;
     assert_eq!(list["rooms"][0]["unread"], 900, "{list}");
     assert_eq!(list["rooms"][0]["lastMessage"]["seq"], 1000, "{list}");
+
+    // A receipt part of the way, walked a few messages per script call, counts exactly what
+    // it passes: u2 reads up to 500 in steps of 7; left unread are the others' messages after.
+    let others_after = |user: &str, from: u64| {
+        all.iter()
+            .filter(|m| m["seq"].as_u64().unwrap() > from && m["senderId"] != user)
+            .count() as u64
+    };
+    let mut redis = env.state.redis.clone();
+    let read = inkwire_chat::store::mark_read_in_steps(&mut redis, &room, "u2", 500, 7)
+        .await
+        .unwrap();
+    let inkwire_chat::store::Outcome::Done(read) = read else {
+        panic!("{read:?}")
+    };
+    assert_eq!((read.up_to, read.moved), (500, true));
+    assert_eq!(read.unread, others_after("u2", 500));
+    assert_eq!(unread(&env, &room, "u2").await, others_after("u2", 500));
+    // Up to the last message, whatever the gap, nothing is left.
+    let (s, b) = env
+        .post(
+            &format!("{ROOMS}/{room}/read"),
+            &env.token("u2"),
+            &json!({"upTo": 1000}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        (b["upTo"].as_u64(), b["unread"].as_u64()),
+        (Some(1000), Some(0))
+    );
 }
 
 #[tokio::test]

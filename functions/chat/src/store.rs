@@ -221,28 +221,40 @@ static READ: LazyLock<Script> = LazyLock::new(|| {
         r#"
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return {0, 0, 0, 0} end
 local last = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
-local up = math.min(tonumber(ARGV[2]), last)
+local target = math.min(tonumber(ARGV[2]), last)
 local cur = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
-if up > cur then
-  local n = 0
-  for s = cur + 1, up do
-    local t = redis.call('HGET', KEYS[3], s)
-    if t then
-      local m = cjson.decode(t)
-      if m['senderId'] ~= ARGV[1] and not m['deleted'] then n = n + 1 end
-    end
-  end
-  redis.call('HSET', KEYS[4], ARGV[1], up)
-  -- Never HINCRBY by -0: Lua's -0 reaches Redis as "-0", which is not an integer to it.
-  local left = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
-  if n > 0 then left = redis.call('HINCRBY', KEYS[5], ARGV[1], 0 - n) end
-  if left < 0 then redis.call('HSET', KEYS[5], ARGV[1], 0); left = 0 end
-  return {1, up, left, 1}
+if target <= cur then
+  return {1, cur, tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0'), 0}
 end
-return {1, cur, tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0'), 0}
+-- Up to the last message: nothing is left unread, whatever the gap.
+if target == last then
+  redis.call('HSET', KEYS[4], ARGV[1], last)
+  redis.call('HSET', KEYS[5], ARGV[1], 0)
+  return {1, last, 0, 1}
+end
+-- Part of the way: count what the receipt passes, at most ARGV[3] messages per call, so that
+-- a receipt over a huge gap never holds Redis for long (the caller calls again).
+local up = math.min(target, cur + tonumber(ARGV[3]))
+local n = 0
+for s = cur + 1, up do
+  local t = redis.call('HGET', KEYS[3], s)
+  if t then
+    local m = cjson.decode(t)
+    if m['senderId'] ~= ARGV[1] and not m['deleted'] then n = n + 1 end
+  end
+end
+redis.call('HSET', KEYS[4], ARGV[1], up)
+-- Never HINCRBY by -0: Lua's -0 reaches Redis as "-0", which is not an integer to it.
+local left = tonumber(redis.call('HGET', KEYS[5], ARGV[1]) or '0')
+if n > 0 then left = redis.call('HINCRBY', KEYS[5], ARGV[1], 0 - n) end
+if left < 0 then redis.call('HSET', KEYS[5], ARGV[1], 0); left = 0 end
+return {1, up, left, 1}
 "#,
     )
 });
+
+/// Messages one call of the read script walks at most (a few milliseconds of Redis time).
+const READ_STEP: u64 = 2_000;
 
 /// A read receipt's result: the reader's position now, the unread count left, and whether
 /// the position moved.
@@ -254,30 +266,51 @@ pub struct ReadState {
 }
 
 /// Moves `user`'s read position to `up_to` (capped at the last message; never backwards).
+/// Up to the last message is one step; part of the way over a long gap takes one script
+/// call per `READ_STEP` messages, each exact on its own (concurrent sends land beyond the
+/// position, concurrent deletes see where it is).
 pub async fn mark_read(
     redis: &mut ConnectionManager,
     room: &str,
     user: &str,
     up_to: u64,
 ) -> redis::RedisResult<Outcome<ReadState>> {
-    let (code, up, unread, moved): (i64, u64, u64, i64) = READ
-        .key(participants_key(room))
-        .key(meta_key(room))
-        .key(messages_key(room))
-        .key(read_key(room))
-        .key(unread_key(room))
-        .arg(user)
-        .arg(up_to)
-        .invoke_async(redis)
-        .await?;
-    Ok(outcome(
-        code,
-        ReadState {
+    mark_read_in_steps(redis, room, user, up_to, READ_STEP).await
+}
+
+/// `mark_read` walking at most `step` messages per script call (tests use small steps).
+pub async fn mark_read_in_steps(
+    redis: &mut ConnectionManager,
+    room: &str,
+    user: &str,
+    up_to: u64,
+    step: u64,
+) -> redis::RedisResult<Outcome<ReadState>> {
+    let step = step.max(1);
+    let mut moved_at_all = false;
+    loop {
+        let (code, up, unread, moved): (i64, u64, u64, i64) = READ
+            .key(participants_key(room))
+            .key(meta_key(room))
+            .key(messages_key(room))
+            .key(read_key(room))
+            .key(unread_key(room))
+            .arg(user)
+            .arg(up_to)
+            .arg(step)
+            .invoke_async(redis)
+            .await?;
+        moved_at_all |= moved == 1;
+        let state = ReadState {
             up_to: up,
             unread,
-            moved: moved == 1,
-        },
-    ))
+            moved: moved_at_all,
+        };
+        // Not there yet only when this call moved (a step short of the target).
+        if code != 1 || moved != 1 || up >= up_to {
+            return Ok(outcome(code, state));
+        }
+    }
 }
 
 /// Creates room `room` (unless it exists: then `Ok(false)`) with `participants`.
