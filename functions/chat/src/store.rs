@@ -313,7 +313,26 @@ pub async fn mark_read_in_steps(
     }
 }
 
-/// Creates room `room` (unless it exists: then `Ok(false)`) with `participants`.
+static CREATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HSETNX', KEYS[1], 'createdBy', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'name', ARGV[2], 'createdAt', ARGV[3], 'seq', 0)
+for i = 5, #KEYS do
+  local u = ARGV[i]
+  redis.call('SADD', KEYS[2], u)
+  redis.call('SADD', KEYS[i], ARGV[4])
+  redis.call('HSET', KEYS[3], u, 0)
+  redis.call('HSET', KEYS[4], u, 0)
+end
+return 1
+"#,
+    )
+});
+
+/// Creates room `room` (unless it exists: then `Ok(false)`) with `participants`, in one
+/// script: a crash never leaves a room that exists without its participants (a retry with
+/// the same idempotency key would find it and add nobody).
 pub async fn create(
     redis: &mut ConnectionManager,
     room: &str,
@@ -322,30 +341,22 @@ pub async fn create(
     created_at: &str,
     participants: &[String],
 ) -> redis::RedisResult<bool> {
-    let fresh: bool = redis::cmd("HSETNX")
-        .arg(meta_key(room))
-        .arg("createdBy")
+    let mut script = CREATE.prepare_invoke();
+    script
+        .key(meta_key(room))
+        .key(participants_key(room))
+        .key(read_key(room))
+        .key(unread_key(room))
         .arg(creator)
-        .query_async(redis)
-        .await?;
-    if !fresh {
-        return Ok(false);
-    }
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    pipe.hset_multiple(
-        meta_key(room),
-        &[("name", name), ("createdAt", created_at), ("seq", "0")],
-    )
-    .ignore();
+        .arg(name)
+        .arg(created_at)
+        .arg(room);
     for user in participants {
-        pipe.sadd(participants_key(room), user).ignore();
-        pipe.sadd(user_rooms_key(user), room).ignore();
-        pipe.hset(read_key(room), user, 0).ignore();
-        pipe.hset(unread_key(room), user, 0).ignore();
+        // From the fifth on, KEYS[n] is the room set of the user ARGV[n].
+        script.key(user_rooms_key(user)).arg(user);
     }
-    pipe.query_async::<()>(redis).await?;
-    Ok(true)
+    let fresh: i64 = script.invoke_async(redis).await?;
+    Ok(fresh == 1)
 }
 
 static ADD: LazyLock<Script> = LazyLock::new(|| {
