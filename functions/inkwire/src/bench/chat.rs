@@ -24,8 +24,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::fanout::{
-    BareBroadcast, ClientsPlan, ClientsSummary, USER_PREFIX, finish_clients, now_ns,
-    start_clients,
+    BareBroadcast, ClientsPlan, ClientsSummary, USER_PREFIX, finish_clients, now_ns, start_clients,
 };
 use super::load_client::LoadClient;
 
@@ -196,7 +195,10 @@ async fn bare(members: u64, messages: u64, senders: u64) -> anyhow::Result<ChatR
         secret: "unused-by-the-bare-server",
     })
     .await?;
-    anyhow::ensure!(connected == members, "only {connected} of {members} clients connected");
+    anyhow::ensure!(
+        connected == members,
+        "only {connected} of {members} clients connected"
+    );
     let seq = Arc::new(AtomicU64::new(0));
     let first = now_ns();
     let tasks: Vec<_> = (0..senders)
@@ -272,7 +274,10 @@ async fn inkwire(
         secret: &state.config.jwt_secret,
     })
     .await?;
-    anyhow::ensure!(connected == members, "only {connected} of {members} clients connected");
+    anyhow::ensure!(
+        connected == members,
+        "only {connected} of {members} clients connected"
+    );
     let failed = Arc::new(AtomicU64::new(0));
     let path = format!("/api/realtime/chat/rooms/{room}/messages");
     let mut clients = Vec::new();
