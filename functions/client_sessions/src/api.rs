@@ -80,8 +80,9 @@ fn session_id(raw: &str) -> Result<&str, Problem> {
     }
 }
 
-/// The caller's user id becomes part of Redis keys: one that breaks the identifier rule
-/// (a token can carry any `sub`) cannot hold sessions.
+/// The caller's user id becomes part of Redis keys. `Caller` refuses tokens whose `sub`
+/// breaks the identifier rule already; checked again here because this is where the id
+/// meets the key.
 fn owner(caller: &Caller) -> Result<&str, Problem> {
     if is_valid_id(&caller.user_id) {
         Ok(&caller.user_id)
