@@ -652,3 +652,51 @@ async fn preference_changes_reach_the_users_other_sessions_and_nothing_else_does
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn a_page_of_an_allowed_origin_may_send_if_match_and_read_the_etag() {
+    let env = TestEnv::start_with(|c| {
+        c.allowed_origins =
+            inkwire_shared::origins::AllowedOrigins::parse("https://app.example.com").unwrap()
+    })
+    .await;
+    let res = env
+        .http
+        .request(reqwest::Method::OPTIONS, env.url(&path("tab-1")))
+        .header("Origin", "https://app.example.com")
+        .header("Access-Control-Request-Method", "PUT")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization, content-type, if-match, if-none-match",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    let allowed = res.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for name in ["if-match", "if-none-match"] {
+        assert!(allowed.contains(name), "{allowed}");
+    }
+    let (s, b, h) = env
+        .send(
+            env.http
+                .put(env.url(&path("tab-1")))
+                .header("Origin", "https://app.example.com")
+                .bearer_auth(env.token("alice"))
+                .json(&json!({"state": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert!(
+        h["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase()
+            .contains("etag"),
+        "{h:?}"
+    );
+}
