@@ -700,3 +700,57 @@ async fn a_page_of_an_allowed_origin_may_send_if_match_and_read_the_etag() {
         "{h:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_failed_is_made_by_the_next_read() {
+    let env = TestEnv::start_with(|c| c.publish_timeout = Duration::from_millis(300)).await;
+    let (s, b, _) = put(&env, "alice", "tab-1", &json!({}), None, None).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let mut tab2 = WsClient::connect(&env.ws_url("collaboration", &env.token("alice"))).await;
+    assert_eq!(tab2.subscribe("user:alice", None).await["op"], "subscribed");
+    let unpushed = || async {
+        let mut redis = env.state.redis.clone();
+        let v: String = redis::cmd("HGET")
+            .arg("inkwire:client-session:alice:s:tab-1")
+            .arg("unpushed")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        v
+    };
+
+    // NATS frozen: the write stands, its push times out and stays flagged.
+    env.stop_nats();
+    let prefs = json!({"theme": "dark"});
+    let (s, b, _) = put(
+        &env,
+        "alice",
+        "tab-1",
+        &json!({"preferences": prefs}),
+        None,
+        None,
+    )
+    .await;
+    env.continue_nats();
+    assert_eq!((s, b["version"].clone()), (StatusCode::OK, json!(2)), "{b}");
+    assert_eq!(unpushed().await, "1");
+
+    // The next read pushes it again (the same push id: stored once, whether or not the
+    // frozen publish got through in the end) and clears the flag.
+    let (s, b, _) = get(&env, "alice", "tab-1").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(unpushed().await, "");
+    let frames = frames_within(&mut tab2, Duration::from_secs(2)).await;
+    let pushes: Vec<&Value> = frames.iter().filter(|f| f["op"] == "message").collect();
+    assert_eq!(pushes.len(), 1, "{frames:?}");
+    assert_eq!(pushes[0]["data"]["version"], 2);
+    assert_eq!(pushes[0]["data"]["preferences"], prefs);
+    // Nothing more on later reads.
+    let (s, _, _) = get(&env, "alice", "tab-1").await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        frames_within(&mut tab2, Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+}
