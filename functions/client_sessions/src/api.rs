@@ -288,8 +288,11 @@ async fn put_session(
     schemas()
         .validate("api/client-session-request.json", &body)
         .map_err(Problem::validation)?;
-    // serde_json's maps are sorted: equal preferences give equal texts, which is what the
-    // script compares to decide whether they changed.
+    // Canonical texts (keys sorted at every level; numbers were canonicalized by `JsonBody`):
+    // equal preferences give equal texts, which is what the script compares to decide
+    // whether they changed.
+    let mut body = body;
+    body.sort_all_objects();
     let state = body.get("state").map(Value::to_string);
     let prefs = body.get("preferences").map(Value::to_string);
     let max = api.config.max_bytes;
@@ -315,9 +318,7 @@ async fn put_session(
     .await
     .map_err(redis_err)?;
     match written {
-        Written::Done {
-            session, created, ..
-        } => {
+        Written::Done { session, created } => {
             if session.unpushed {
                 push(&api, user, id, &session).await;
             }

@@ -89,12 +89,9 @@ pub struct Write<'a> {
 /// How a write ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Written {
-    /// Stored: the session now, whether it was created, and the preferences before.
-    Done {
-        session: Stored,
-        created: bool,
-        old_prefs: String,
-    },
+    /// Stored: the session now, and whether it was created. `session.unpushed` says whether
+    /// its preferences are to be pushed (changed now, or a failed push before).
+    Done { session: Stored, created: bool },
     /// `If-None-Match: *` but the session exists (its version).
     Exists(u64),
     /// `If-Match` but there is no such session.
@@ -125,7 +122,7 @@ end
 if not version and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return {-4, 0} end
 local state = cur[2] or 'null'
 local prefs = cur[3] or '{}'
-local old = prefs
+local before = prefs
 if ARGV[7] == '1' then state = ARGV[8] end
 if ARGV[9] == '1' then prefs = ARGV[10] end
 local size = string.len(state) + string.len(prefs)
@@ -133,7 +130,7 @@ if size > tonumber(ARGV[4]) then return {-5, size} end
 local nv = (version or 0) + 1
 local created = cur[4] or string.format('%d', now)
 local unpushed = cur[5] or ''
-if prefs ~= old then unpushed = '1' end
+if prefs ~= before then unpushed = '1' end
 redis.call('HSET', KEYS[1], 'version', nv, 'state', state, 'prefs', prefs, 'created', created,
   'updated', string.format('%d', now), 'unpushed', unpushed)
 local ttl = tonumber(ARGV[2])
@@ -143,7 +140,7 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 local fresh = 0
 if not version then fresh = 1 end
 return {1, nv, state, prefs, created, string.format('%d', now), string.format('%d', now + ttl),
-  old, fresh, unpushed}
+  fresh, unpushed}
 "#,
     )
 });
@@ -208,10 +205,9 @@ pub async fn put(
                     created_ms: num(&at(4)),
                     updated_ms: num(&at(5)),
                     expires_ms: num(&at(6)),
-                    unpushed: text(&at(9)) == "1",
+                    unpushed: text(&at(8)) == "1",
                 },
-                old_prefs: text(&at(7)),
-                created: num(&at(8)) == 1,
+                created: num(&at(7)) == 1,
             }
         }
     })
