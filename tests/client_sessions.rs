@@ -95,6 +95,7 @@ async fn create_read_update_delete_and_list() {
     let (s, got, h) = get(&env, "alice", "tab-1").await;
     assert_eq!(s, StatusCode::OK, "{got}");
     assert_eq!(etag(&h), "\"1\"");
+    assert_eq!(h["cache-control"], "no-store");
     assert_eq!(
         (got["version"].clone(), got["state"].clone()),
         (json!(1), body["state"].clone())

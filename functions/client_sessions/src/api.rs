@@ -11,7 +11,7 @@
 //!
 //! Every answer with a session carries its version twice: the `ETag` header (`"3"`) and the
 //! `version` field. Sessions are per user: another user's id is not there (`404`).
-//! A write that changes the preferences is pushed to `user:{id}` (see [`push`]).
+//! A write that changes the preferences is pushed to `user:{id}` (see `push`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -224,6 +224,9 @@ fn view(id: &str, s: &Stored) -> Value {
 fn answer(status: StatusCode, id: &str, s: &Stored) -> Response {
     let mut res = (status, Json(view(id, s))).into_response();
     res.headers_mut().insert(header::ETAG, etag(s.version));
+    // A user's client state: no cache keeps it (and `GET` never answers `304`).
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
 
