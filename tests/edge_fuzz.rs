@@ -464,6 +464,33 @@ const ROUTES: &[Route] = &[
         None,
         As::Owner,
     ),
+    // Client sessions (`{csession}` is one of u-1's; deleting comes last).
+    route(
+        Method::PUT,
+        "/api/realtime/client-sessions/{csession}",
+        Some(
+            || json!({"state": {"route": "/p/1", "scroll": 10}, "preferences": {"theme": "dark"}}),
+        ),
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/client-sessions/{csession}",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/client-sessions",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::DELETE,
+        "/api/realtime/client-sessions/{csession}",
+        None,
+        As::Owner,
+    ),
     // Health.
     route(Method::GET, "/healthz", None, As::Nobody),
     route(Method::GET, "/readyz", None, As::Nobody),
@@ -639,6 +666,7 @@ impl Fuzzer {
             ("{room}", self.room.as_str()),
             ("{template}", "fuzz"),
             ("{device}", "fuzz-device"),
+            ("{csession}", "tab-1"),
         ] {
             let value = match replace {
                 Some((n, v)) if n == name => v,
@@ -986,6 +1014,7 @@ async fn every_route_survives_odd_input() {
             "{room}",
             "{template}",
             "{device}",
+            "{csession}",
         ] {
             if !r.path.contains(name) {
                 continue;

@@ -283,7 +283,9 @@ pub const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
 /// CORS for the HTTP API with the allow-list: preflights are answered for the methods and
 /// request headers the API uses; an origin that is neither listed nor the request's own host
 /// gets no CORS headers, so the browser withholds the answer from the page. No credentials:
-/// the HTTP API reads tokens from `Authorization`, never from cookies.
+/// the HTTP API reads tokens from `Authorization`, never from cookies. `If-Match` /
+/// `If-None-Match` and `ETag` are what the client session store's optimistic concurrency
+/// needs from a page.
 pub fn cors_layer(origins: &AllowedOrigins) -> CorsLayer {
     let origins = Arc::new(origins.clone());
     CorsLayer::new()
@@ -301,7 +303,10 @@ pub fn cors_layer(origins: &AllowedOrigins) -> CorsLayer {
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
             header::HeaderName::from_static("idempotency-key"),
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
         ])
+        .expose_headers([header::ETAG])
         .max_age(PREFLIGHT_MAX_AGE)
 }
 

@@ -1,14 +1,16 @@
 //! Every function of inkwire composed into one process: the events API, the relay (WebSocket
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
-//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
-//! end-to-end tests.
+//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms and the
+//! client session store, on one address. Used by `inkwire dev`, `inkwire serve`, the
+//! benchmarks and the end-to-end tests.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use futures::FutureExt;
+use inkwire_client_sessions::ClientSessionConfig;
 use inkwire_collaboration::{Coedit, CoeditConfig};
 use inkwire_notifications::api::NotificationsApi;
 use inkwire_notifications::config::NotifyConfig;
@@ -41,6 +43,8 @@ pub struct Settings {
     pub without_delivery: bool,
     /// Co-editing limits and timings.
     pub coedit: CoeditConfig,
+    /// The client session store's TTL and limits.
+    pub client_sessions: ClientSessionConfig,
 }
 
 impl Settings {
@@ -55,6 +59,7 @@ impl Settings {
             rules: None,
             without_delivery: false,
             coedit: CoeditConfig::from_env()?,
+            client_sessions: ClientSessionConfig::from_env()?,
         })
     }
 }
@@ -149,6 +154,10 @@ pub async fn start(
         providers,
     };
     let chat_state = state.clone();
+    let client_sessions = inkwire_client_sessions::ClientSessionsApi {
+        app: state.clone(),
+        config: Arc::new(settings.client_sessions),
+    };
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
@@ -158,7 +167,8 @@ pub async fn start(
         .merge(inkwire_collaboration::routes(coedit.clone()))
         .merge(inkwire_chat::routes(inkwire_chat::ChatApi {
             app: chat_state,
-        }));
+        }))
+        .merge(inkwire_client_sessions::routes(client_sessions));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
