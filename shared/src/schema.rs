@@ -54,6 +54,7 @@ schema_files!(
     "api/chat-message-request.json",
     "api/chat-edit-request.json",
     "api/chat-read-request.json",
+    "api/presence-status-request.json",
     "relay/client-subscribe.json",
     "relay/client-unsubscribe.json",
     "relay/client-ping.json",

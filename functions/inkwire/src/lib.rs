@@ -1,7 +1,8 @@
 //! Every function of inkwire composed into one process: the events API, the relay (WebSocket
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
-//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
+//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, user
+//! presence (its API and worker), on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
 //! end-to-end tests.
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use inkwire_notifications::delivery::{DeliverySettings, DeliveryWorker};
 use inkwire_notifications::notifier::{Notifier, NotifierSettings};
 use inkwire_notifications::providers::{ProviderConfig, Providers};
 use inkwire_notifications::rules::{self, RulesWorker};
+use inkwire_presence::{PresenceApi, PresenceConfig, PresenceWorker};
 use inkwire_relay::{Relay, RelayConfig};
 use inkwire_shared::AppState;
 use inkwire_shared::consumer::Shutdown;
@@ -41,6 +43,8 @@ pub struct Settings {
     pub without_delivery: bool,
     /// Co-editing limits and timings.
     pub coedit: CoeditConfig,
+    /// User presence: away time, heartbeat TTL.
+    pub presence: PresenceConfig,
 }
 
 impl Settings {
@@ -55,6 +59,7 @@ impl Settings {
             rules: None,
             without_delivery: false,
             coedit: CoeditConfig::from_env()?,
+            presence: PresenceConfig::from_env()?,
         })
     }
 }
@@ -68,7 +73,8 @@ pub struct Running {
 }
 
 /// Builds the router and starts the background parts (relay stats responder, router
-/// consumers, writing tracker and scheduler, notifier and notification scheduler). They stop when `shutdown` is triggered.
+/// consumers, writing tracker and scheduler, notifier and notification scheduler, presence
+/// worker). They stop when `shutdown` is triggered.
 pub async fn start(
     state: AppState,
     settings: Settings,
@@ -130,6 +136,15 @@ pub async fn start(
         Some(r) => r,
         None => rules::from_env(&notify)?,
     };
+    let presence_task = tokio::spawn(inkwire_presence::run_worker(
+        PresenceWorker {
+            js: state.js.clone(),
+            nats: state.nats.clone(),
+            redis: state.redis.clone(),
+            config: settings.presence.clone(),
+        },
+        shutdown.clone(),
+    ));
     let rules_task = tokio::spawn(rules::run_rules(
         RulesWorker {
             js: state.js.clone(),
@@ -149,6 +164,10 @@ pub async fn start(
         providers,
     };
     let chat_state = state.clone();
+    let presence = PresenceApi {
+        app: state.clone(),
+        config: settings.presence,
+    };
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
@@ -158,7 +177,8 @@ pub async fn start(
         .merge(inkwire_collaboration::routes(coedit.clone()))
         .merge(inkwire_chat::routes(inkwire_chat::ChatApi {
             app: chat_state,
-        }));
+        }))
+        .merge(inkwire_presence::routes(presence));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
@@ -170,6 +190,7 @@ pub async fn start(
             notify_scheduler_task,
             delivery_task,
             rules_task,
+            presence_task,
         ],
         coedit,
     })
