@@ -45,6 +45,11 @@ pub struct Settings {
     pub coedit: CoeditConfig,
     /// User presence: away time, heartbeat TTL.
     pub presence: PresenceConfig,
+    /// Run no presence worker in this process (reports wait in the PRESENCE stream for a
+    /// `presence-worker` elsewhere, and no `presence_update` is pushed from here). The test
+    /// harness sets it by default, so that tests of other features see no presence frames
+    /// on the project and room channels they watch.
+    pub without_presence_worker: bool,
 }
 
 impl Settings {
@@ -60,6 +65,7 @@ impl Settings {
             without_delivery: false,
             coedit: CoeditConfig::from_env()?,
             presence: PresenceConfig::from_env()?,
+            without_presence_worker: false,
         })
     }
 }
@@ -136,15 +142,20 @@ pub async fn start(
         Some(r) => r,
         None => rules::from_env(&notify)?,
     };
-    let presence_task = tokio::spawn(inkwire_presence::run_worker(
-        PresenceWorker {
-            js: state.js.clone(),
-            nats: state.nats.clone(),
-            redis: state.redis.clone(),
-            config: settings.presence.clone(),
-        },
-        shutdown.clone(),
-    ));
+    let presence_task = tokio::spawn(if settings.without_presence_worker {
+        futures::future::ready(Ok(())).boxed()
+    } else {
+        inkwire_presence::run_worker(
+            PresenceWorker {
+                js: state.js.clone(),
+                nats: state.nats.clone(),
+                redis: state.redis.clone(),
+                config: settings.presence.clone(),
+            },
+            shutdown.clone(),
+        )
+        .boxed()
+    });
     let rules_task = tokio::spawn(rules::run_rules(
         RulesWorker {
             js: state.js.clone(),
