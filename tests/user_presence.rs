@@ -108,9 +108,7 @@ async fn connect(env: &TestEnv, base: &str, user: &str, device: &str) -> WsClien
 
 /// `user`'s presence as they see it themselves.
 async fn presence(env: &TestEnv, user: &str) -> Value {
-    let (s, b) = env
-        .get(&format!("{USERS}/{user}"), &env.token(user))
-        .await;
+    let (s, b) = env.get(&format!("{USERS}/{user}"), &env.token(user)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     b
 }
@@ -210,7 +208,13 @@ async fn a_killed_relay_takes_its_users_offline_within_the_ttl_and_users_on_a_li
     assert_eq!(denied["code"], "forbidden", "{denied}");
 
     let mut doomed = RelayProcess::start(&env).await;
-    let _ann = connect(&env, &doomed.base, "ann", "&deviceType=desktop&deviceName=Laptop").await;
+    let _ann = connect(
+        &env,
+        &doomed.base,
+        "ann",
+        "&deviceType=desktop&deviceName=Laptop",
+    )
+    .await;
     let _bob_doomed = connect(&env, &doomed.base, "bob", "&deviceType=mobile").await;
     let _bob_live = connect(&env, &env.base, "bob", "&deviceType=web").await;
     wait_status(&env, "ann", "online", Duration::from_secs(5)).await;
@@ -247,14 +251,9 @@ async fn a_killed_relay_takes_its_users_offline_within_the_ttl_and_users_on_a_li
     // Nothing about ann or bob reached the user who shares nothing (only their own coming
     // online, on their own project), and they cannot read the others.
     let theirs = updates_within(&mut loner, Duration::from_millis(300)).await;
-    assert!(
-        theirs.iter().all(|u| u["userId"] == "loner"),
-        "{theirs:?}"
-    );
+    assert!(theirs.iter().all(|u| u["userId"] == "loner"), "{theirs:?}");
     assert_eq!(statuses_of(&theirs, "loner"), ["online"], "{theirs:?}");
-    let (s, b) = env
-        .get(&format!("{USERS}/ann"), &env.token("loner"))
-        .await;
+    let (s, b) = env.get(&format!("{USERS}/ann"), &env.token("loner")).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
     assert_eq!(b["code"], "user_not_found");
 }
@@ -297,13 +296,14 @@ async fn a_second_tab_never_replaces_the_first_and_the_last_to_close_sets_last_s
         &time::format_description::well_known::Rfc3339,
     )
     .unwrap();
-    assert!(
-        last_seen >= before_close - Duration::from_millis(50),
-        "{p}"
-    );
+    assert!(last_seen >= before_close - Duration::from_millis(50), "{p}");
     // The observer saw ann online once and offline once: no flicker while a tab was left.
     let updates = updates_within(&mut obs, Duration::from_millis(500)).await;
-    assert_eq!(statuses_of(&updates, "ann"), ["online", "offline"], "{updates:?}");
+    assert_eq!(
+        statuses_of(&updates, "ann"),
+        ["online", "offline"],
+        "{updates:?}"
+    );
 }
 
 #[tokio::test]
@@ -325,7 +325,10 @@ async fn away_after_idle_time_or_when_the_client_says_so_and_back_on_activity() 
     until_update(&mut obs, "ann", "online", Duration::from_secs(3)).await;
     // Idle: away after the idle time, pushed.
     let took = wait_status(&env, "ann", "away", Duration::from_secs(4)).await;
-    assert!(took >= Duration::from_millis(500), "away too soon: {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "away too soon: {took:?}"
+    );
     until_update(&mut obs, "ann", "away", Duration::from_secs(3)).await;
     // Any client frame is activity: online again.
     ann.send(json!({"op": "ping"})).await;
@@ -373,9 +376,7 @@ async fn who_is_in_a_room_now_is_for_its_participants_and_room_sharers_get_updat
     wait_status(&env, "ann", "online", Duration::from_secs(3)).await;
     wait_status(&env, "cid", "online", Duration::from_secs(3)).await;
 
-    let (s, b) = env
-        .get(&format!("{ROOMS}/{room}"), &env.token("ann"))
-        .await;
+    let (s, b) = env.get(&format!("{ROOMS}/{room}"), &env.token("ann")).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["participants"], 3);
     // Bob's watching connection counts: he is online too.
@@ -406,9 +407,7 @@ async fn who_is_in_a_room_now_is_for_its_participants_and_room_sharers_get_updat
     cid.socket.close(None).await.unwrap();
     let gone = until_update(&mut bob_watch, "cid", "offline", Duration::from_secs(3)).await;
     assert!(gone["lastSeen"].is_string(), "{gone}");
-    let (_, b) = env
-        .get(&format!("{ROOMS}/{room}"), &env.token("ann"))
-        .await;
+    let (_, b) = env.get(&format!("{ROOMS}/{room}"), &env.token("ann")).await;
     assert!(
         !b["online"]
             .as_array()
@@ -500,8 +499,6 @@ async fn bad_input_on_every_route_is_refused_with_a_problem() {
     assert_eq!(b["devices"].as_array().unwrap().len(), 1, "{b}");
     assert_eq!(b["devices"][0]["type"], Value::Null, "nothing guessed: {b}");
     assert_eq!(b["devices"][0]["name"], Value::Null, "nothing guessed: {b}");
-    let (s, b) = env
-        .get(&format!("{USERS}/nobody-here"), &ann)
-        .await;
+    let (s, b) = env.get(&format!("{USERS}/nobody-here"), &ann).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
 }

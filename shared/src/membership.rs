@@ -395,7 +395,10 @@ pub async fn is_room_participant(
 }
 
 /// The chat rooms `user` is a participant of now (valid ids only).
-pub async fn rooms_of(redis: &mut ConnectionManager, user: &str) -> redis::RedisResult<Vec<String>> {
+pub async fn rooms_of(
+    redis: &mut ConnectionManager,
+    user: &str,
+) -> redis::RedisResult<Vec<String>> {
     let listed: Vec<String> = redis.smembers(user_rooms_key(user)).await?;
     let listed: Vec<String> = listed.into_iter().filter(|r| is_valid_id(r)).collect();
     if listed.is_empty() {

@@ -163,8 +163,11 @@ mod tests {
     #[test]
     fn devices_are_validated() {
         assert_eq!(Device::from_query(&q(&[])).unwrap(), Device::default());
-        let d = Device::from_query(&q(&[("deviceType", "mobile"), ("deviceName", "Ana's phone")]))
-            .unwrap();
+        let d = Device::from_query(&q(&[
+            ("deviceType", "mobile"),
+            ("deviceName", "Ana's phone"),
+        ]))
+        .unwrap();
         assert_eq!(d.kind, Some(DeviceType::Mobile));
         assert_eq!(d.name.as_deref(), Some("Ana's phone"));
         assert!(Device::from_query(&q(&[("deviceType", "toaster")])).is_err());

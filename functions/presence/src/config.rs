@@ -53,7 +53,11 @@ impl PresenceConfig {
     pub fn from_env() -> Result<PresenceConfig, ConfigError> {
         let mut c = PresenceConfig::default();
         let day = Duration::from_secs(86_400);
-        if let Some(d) = duration("INKWIRE_PRESENCE_AWAY_AFTER", Duration::from_millis(100), day)? {
+        if let Some(d) = duration(
+            "INKWIRE_PRESENCE_AWAY_AFTER",
+            Duration::from_millis(100),
+            day,
+        )? {
             c.away_after = d;
         }
         if let Some(d) = duration("INKWIRE_PRESENCE_TTL", Duration::from_millis(100), day)? {

@@ -403,7 +403,11 @@ pub async fn push(
         .iter()
         .filter(|p| membership::is_valid_id(p))
         .map(|p| Channel::new(ChannelKind::Project, p.clone()))
-        .chain(rooms.into_iter().map(|r| Channel::new(ChannelKind::Room, r)))
+        .chain(
+            rooms
+                .into_iter()
+                .map(|r| Channel::new(ChannelKind::Room, r)),
+        )
         .map(|channel| {
             let msg_id = format!(
                 "presence-{user}-{}-{}-{}",

@@ -98,15 +98,10 @@ impl PresenceWorker {
 
     async fn op(&self, user: &str, op: Op<'_>, redelivered: bool) -> Result<(), HandlerError> {
         let mut redis = self.redis.clone();
-        if let Some(state) = store::apply(
-            &mut redis,
-            user,
-            &op,
-            now_ms(),
-            self.config.away_after_ms(),
-        )
-        .await
-        .map_err(retry)?
+        if let Some(state) =
+            store::apply(&mut redis, user, &op, now_ms(), self.config.away_after_ms())
+                .await
+                .map_err(retry)?
         {
             self.after(user, &state, redelivered).await?;
         }
@@ -118,8 +113,7 @@ impl PresenceWorker {
         let report: Report = serde_json::from_slice(&delivery.payload)
             .map_err(|e| HandlerError::Permanent(format!("not a presence report: {e}")))?;
         let instance = report.instance.as_str();
-        if !is_valid_id(instance)
-            || delivery.subject != subjects::presence_report_subject(instance)
+        if !is_valid_id(instance) || delivery.subject != subjects::presence_report_subject(instance)
         {
             return Err(HandlerError::Permanent(
                 "the report's instance id is invalid or not its subject's".into(),
@@ -138,7 +132,11 @@ impl PresenceWorker {
             .await
             .map_err(retry)?;
         DueQueue::new(store::INSTANCES_QUEUE)
-            .schedule(&mut redis, instance, now + self.config.ttl.as_millis() as u64)
+            .schedule(
+                &mut redis,
+                instance,
+                now + self.config.ttl.as_millis() as u64,
+            )
             .await
             .map_err(retry)?;
         if swept && !report.resync {
@@ -218,7 +216,11 @@ impl PresenceWorker {
                 .set_ex(store::swept_key(instance), "1", 86_400)
                 .await?;
             let members: Vec<String> = redis.smembers(store::instance_key(instance)).await?;
-            tracing::info!(instance, connections = members.len(), "presence: sweeping a lapsed relay instance");
+            tracing::info!(
+                instance,
+                connections = members.len(),
+                "presence: sweeping a lapsed relay instance"
+            );
             for member in &members {
                 let Some((user, connection)) = member.split_once(':') else {
                     continue;
