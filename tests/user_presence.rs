@@ -502,3 +502,41 @@ async fn bad_input_on_every_route_is_refused_with_a_problem() {
     let (s, b) = env.get(&format!("{USERS}/nobody-here"), &ann).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
 }
+
+#[tokio::test]
+async fn an_instance_swept_while_alive_reports_its_connections_again() {
+    let env = env(Duration::from_secs(600)).await;
+    for user in ["ann", "obs"] {
+        env.add_member("p-late", user, ProjectRole::Editor).await;
+    }
+    let mut obs = observer(&env, "obs", "project:p-late").await;
+    let _ann = connect(&env, &env.base, "ann", "&deviceType=tablet").await;
+    wait_status(&env, "ann", "online", Duration::from_secs(3)).await;
+    until_update(&mut obs, "ann", "online", Duration::from_secs(3)).await;
+    // As if the instance's reports had been late: its heartbeat deadline passes and the
+    // worker sweeps it. (A report may come first and push the deadline again: then again.)
+    let mut redis = env.state.redis.clone();
+    let queue = inkwire_shared::due_queue::DueQueue::new(inkwire_presence::store::INSTANCES_QUEUE);
+    let mut swept = false;
+    for _ in 0..10 {
+        queue
+            .schedule(&mut redis, &env.relay.instance_id, 0)
+            .await
+            .unwrap();
+        let updates = updates_within(&mut obs, Duration::from_millis(500)).await;
+        let seen = statuses_of(&updates, "ann");
+        if seen.contains(&"offline".to_string()) {
+            swept = true;
+            // The instance lives: its next report is answered with a resync request, and
+            // the resync brings ann's connection back.
+            if !seen.ends_with(&["online".to_string()]) {
+                until_update(&mut obs, "ann", "online", Duration::from_secs(3)).await;
+            }
+            break;
+        }
+    }
+    assert!(swept, "the instance was never swept");
+    let p = wait_devices(&env, "ann", 1, Duration::from_secs(3)).await;
+    assert_eq!(p["status"], "online", "{p}");
+    assert_eq!(p["devices"][0]["type"], "tablet", "{p}");
+}

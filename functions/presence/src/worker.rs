@@ -139,12 +139,17 @@ impl PresenceWorker {
             )
             .await
             .map_err(retry)?;
-        if swept && !report.resync {
-            let _: () = redis.del(store::swept_key(instance)).await.map_err(retry)?;
-            let _ = self
-                .nats
-                .publish(subjects::presence_resync_subject(instance), "".into())
-                .await;
+        if swept {
+            if report.resync {
+                let _: () = redis.del(store::swept_key(instance)).await.map_err(retry)?;
+            } else {
+                // Asked again with every report until the resync comes (a core NATS request
+                // can be lost); the relay sends one resync per request at most.
+                let _ = self
+                    .nats
+                    .publish(subjects::presence_resync_subject(instance), "".into())
+                    .await;
+            }
         }
         let valid = |user: &str, connection: &str| {
             is_valid_id(user)

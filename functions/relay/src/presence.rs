@@ -51,15 +51,26 @@ struct Live {
     at_ms: u64,
 }
 
+/// Opens and closes in the order they happened: a report is a prefix of this log, so a
+/// connection's close never goes before its open.
+enum Event {
+    Opened(Opened),
+    Closed(Closed),
+}
+
 #[derive(Default)]
 struct Pending {
     live: HashMap<u64, Live>,
-    opened: Vec<Opened>,
+    log: std::collections::VecDeque<Event>,
     /// Connections that sent frames since the last report, with their flags to reset.
     active: Vec<(Active, Arc<AtomicBool>)>,
-    closed: Vec<Closed>,
     resync: bool,
 }
+
+/// Most opens, closes and active connections in one report: keeps a report far below
+/// NATS's `max_payload` (a few hundred KB at most) when thousands of clients connect at
+/// once or a resync lists every connection; the rest follows at once in further reports.
+pub const MAX_REPORT_ENTRIES: usize = 2000;
 
 /// Collects this instance's connection events and publishes them as reports.
 pub struct PresenceReporter {
@@ -110,12 +121,12 @@ impl PresenceReporter {
     ) -> ActivityMark {
         let at_ms = now_ms();
         let mut p = self.pending.lock().expect("presence lock");
-        p.opened.push(Opened {
+        p.log.push_back(Event::Opened(Opened {
             connection: connection.to_string(),
             user: user.to_string(),
             device: device.clone(),
             at_ms,
-        });
+        }));
         p.live.insert(
             id,
             Live {
@@ -136,11 +147,11 @@ impl PresenceReporter {
     pub fn closed(&self, id: u64) {
         let mut p = self.pending.lock().expect("presence lock");
         if let Some(live) = p.live.remove(&id) {
-            p.closed.push(Closed {
+            p.log.push_back(Event::Closed(Closed {
                 connection: live.connection,
                 user: live.user,
                 at_ms: now_ms(),
-            });
+            }));
         }
     }
 
@@ -159,42 +170,61 @@ impl PresenceReporter {
         self.pending.lock().expect("presence lock").resync = true;
     }
 
-    /// Takes what was noted since the last report as report number `seq`.
-    fn take(&self, seq: u64) -> Report {
+    /// Takes what was noted since the last report (at most `max` entries) as report number
+    /// `seq`; the flag says whether more is left for another report at once.
+    fn take(&self, seq: u64, max: usize) -> (Report, bool) {
         let mut p = self.pending.lock().expect("presence lock");
         let resync = std::mem::take(&mut p.resync);
-        let opened = if resync {
-            // Every live connection (those noted as opened are among them, or closed and
-            // in `closed`).
-            p.opened.clear();
-            p.live
+        if resync {
+            // Every live connection opens again, before the closes still to report (the
+            // opens noted so far are among the live ones, or closed).
+            let closes: Vec<Event> = std::mem::take(&mut p.log)
+                .into_iter()
+                .filter(|e| matches!(e, Event::Closed(_)))
+                .collect();
+            let opens: Vec<Event> = p
+                .live
                 .values()
-                .map(|l| Opened {
-                    connection: l.connection.clone(),
-                    user: l.user.clone(),
-                    device: l.device.clone(),
-                    at_ms: l.at_ms,
+                .map(|l| {
+                    Event::Opened(Opened {
+                        connection: l.connection.clone(),
+                        user: l.user.clone(),
+                        device: l.device.clone(),
+                        at_ms: l.at_ms,
+                    })
                 })
-                .collect::<Vec<_>>()
-        } else {
-            std::mem::take(&mut p.opened)
-        };
-        let active = std::mem::take(&mut p.active)
-            .into_iter()
-            .map(|(a, flag)| {
-                flag.store(false, Ordering::Relaxed);
-                a
-            })
-            .collect();
-        Report {
+                .collect();
+            p.log = opens.into_iter().chain(closes).collect();
+        }
+        let mut report = Report {
             instance: self.instance.clone(),
             seq,
             at_ms: now_ms(),
-            opened,
-            active,
-            closed: std::mem::take(&mut p.closed),
             resync,
+            ..Default::default()
+        };
+        let n = p.log.len().min(max);
+        for event in p.log.drain(..n) {
+            match event {
+                Event::Opened(o) => report.opened.push(o),
+                Event::Closed(c) => report.closed.push(c),
+            }
         }
+        // Activity goes with the last part, after the opens it may refer to.
+        if p.log.is_empty() {
+            let room = max.saturating_sub(n).max(1);
+            let k = p.active.len().min(room);
+            report.active = p
+                .active
+                .drain(..k)
+                .map(|(a, flag)| {
+                    flag.store(false, Ordering::Relaxed);
+                    a
+                })
+                .collect();
+        }
+        let more = !p.log.is_empty() || !p.active.is_empty();
+        (report, more)
     }
 
     /// Publishes reports until `shutdown`, then sends what is left once more.
@@ -225,8 +255,10 @@ impl PresenceReporter {
         let mut tick = tokio::time::interval(config.report_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
+        // More is noted than one report holds: send the next one without waiting.
+        let mut more = false;
         loop {
-            if !stopping {
+            if !stopping && !more {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.wait() => {
@@ -236,9 +268,11 @@ impl PresenceReporter {
                     }
                 }
             }
+            more = false;
             if unsent.is_none() {
-                let report = self.take(seq);
-                if !report.is_empty() || last_sent.elapsed() >= config.heartbeat || stopping {
+                let (report, left) = self.take(seq, MAX_REPORT_ENTRIES);
+                more = left;
+                if !report.is_empty() || last_sent.elapsed() >= config.heartbeat {
                     seq += 1;
                     unsent = Some(report);
                 }
@@ -254,10 +288,14 @@ impl PresenceReporter {
                         unsent = None;
                         last_sent = tokio::time::Instant::now();
                     }
-                    Err(e) => tracing::warn!(error = %e, "presence report not published; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "presence report not published; retrying");
+                        // Wait for the next tick (or give up, when stopping).
+                        more = false;
+                    }
                 }
             }
-            if stopping {
+            if stopping && (!more || unsent.is_some()) {
                 return;
             }
         }
@@ -275,21 +313,41 @@ mod tests {
         let _b = r.opened(2, "i1-2", "bob", Device::default());
         a.touch();
         a.touch();
-        let first = r.take(1);
+        let (first, more) = r.take(1, MAX_REPORT_ENTRIES);
+        assert!(!more);
         assert_eq!(first.opened.len(), 2);
         assert_eq!(first.active.len(), 1, "one entry per interval");
         assert!(!first.resync);
         a.touch();
         r.closed(2);
-        let second = r.take(2);
+        let (second, _) = r.take(2, MAX_REPORT_ENTRIES);
         assert!(second.opened.is_empty());
         assert_eq!(second.active.len(), 1);
         assert_eq!(second.closed[0].user, "bob");
-        assert!(r.take(3).is_empty());
+        assert!(r.take(3, MAX_REPORT_ENTRIES).0.is_empty());
         r.request_resync();
-        let third = r.take(4);
+        let (third, _) = r.take(4, MAX_REPORT_ENTRIES);
         assert!(third.resync);
         assert_eq!(third.opened.len(), 1);
         assert_eq!(third.opened[0].connection, "i1-1");
+    }
+
+    #[test]
+    fn large_batches_are_split_in_order_with_activity_last() {
+        let r = PresenceReporter::new("i1".into());
+        let marks: Vec<ActivityMark> = (0..5)
+            .map(|i| r.opened(i, &format!("i1-{i}"), "u", Device::default()))
+            .collect();
+        marks[4].touch();
+        r.closed(0);
+        let (first, more) = r.take(1, 3);
+        assert!(more);
+        assert_eq!(first.opened.len(), 3);
+        assert!(first.closed.is_empty() && first.active.is_empty());
+        let (second, more) = r.take(2, 3);
+        assert!(!more);
+        assert_eq!(second.opened.len(), 2);
+        assert_eq!(second.closed[0].connection, "i1-0");
+        assert_eq!(second.active[0].connection, "i1-4");
     }
 }
