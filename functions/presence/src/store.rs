@@ -9,8 +9,9 @@
 //!   instance (tabs and devices are separate connections; none replaces another);
 //! - `inkwire:presence:instance:{instanceId}:conns` (set of `{userId}:{connectionId}`): what
 //!   to sweep when the instance's heartbeat lapses;
-//! - `inkwire:presence:closed:{connectionId}` (string, 1 day): a connection that closed, so
-//!   that a late or redelivered "opened" cannot bring it back;
+//! - `inkwire:presence:closed:{connectionId}` (string, as long as the PRESENCE stream keeps
+//!   a report: one hour): a connection that closed, so that a late or redelivered "opened"
+//!   cannot bring it back (no report older than that can be delivered);
 //! - `inkwire:presence:instance:{instanceId}:swept` (string, 1 day): the instance was swept;
 //!   a report from it afterwards triggers a resync;
 //! - `inkwire:presence:heartbeats` (hash): instance → time of its last report (ms), the
@@ -28,6 +29,7 @@ use std::sync::LazyLock;
 use inkwire_shared::channels::{self, Channel, ChannelKind, MessageType};
 use inkwire_shared::jetstream;
 use inkwire_shared::membership;
+use inkwire_shared::subjects;
 use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::Serialize;
@@ -99,7 +101,8 @@ pub fn derive(
 }
 
 /// KEYS: user hash, conns hash, instance set, closed marker.
-/// ARGV: op, now, away_after, connection, instance member, connection data, at, manual.
+/// ARGV: op, now, away_after, connection, instance member, connection data, at, manual,
+/// closed-marker lifetime (s).
 const APPLY: &str = r#"
 local user, conns, inst, tomb = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local op, now, away = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -118,7 +121,7 @@ if op == 'open' then
 elseif op == 'active' then
   if redis.call('HEXISTS', conns, conn) == 1 then bump(at) end
 elseif op == 'close' then
-  redis.call('SET', tomb, '1', 'EX', 86400)
+  redis.call('SET', tomb, '1', 'EX', tonumber(ARGV[9]))
   redis.call('HDEL', conns, conn)
   redis.call('SREM', inst, member)
   seen = at
@@ -257,6 +260,7 @@ pub async fn apply(
         .arg(data)
         .arg(at)
         .arg(manual)
+        .arg(subjects::PRESENCE_RETENTION.as_secs())
         .invoke_async(redis)
         .await?;
     if out.len() < 6 {
