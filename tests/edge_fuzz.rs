@@ -8,7 +8,7 @@
 //! [`MAX_ERROR_BODY`] (large values are not echoed), and the server stays ready.
 //!
 //! [`ROUTES`] lists the routes of every router (events, membership, relay API, writing,
-//! notifications, health, relay paths); a route added to a router belongs here too.
+//! notifications, chat, presence, health, relay paths); a route added to a router belongs here too.
 
 use std::time::Duration;
 
@@ -489,6 +489,25 @@ const ROUTES: &[Route] = &[
         Method::DELETE,
         "/api/realtime/client-sessions/{csession}",
         None,
+        As::Owner,
+    ),
+    // User presence (`{user}` u-2 shares the chat room with u-1).
+    route(
+        Method::GET,
+        "/api/realtime/presence/users/{user}",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/presence/rooms/{room}",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::POST,
+        "/api/realtime/presence/status",
+        Some(|| json!({"status": "away"})),
         As::Owner,
     ),
     // Health.

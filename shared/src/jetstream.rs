@@ -138,6 +138,19 @@ pub fn desired_streams(config: &Config) -> Vec<stream::Config> {
         allow_direct: true,
         ..Default::default()
     });
+    // User presence (issue 12): relay instances' connection reports and heartbeats. Short
+    // retention: a report matters only until the presence worker has applied it.
+    streams.push(stream::Config {
+        name: subjects::PRESENCE_STREAM.to_string(),
+        description: Some("inkwire user presence: relay connection reports and heartbeats".into()),
+        subjects: vec![format!("{}.>", subjects::PRESENCE_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: subjects::PRESENCE_RETENTION,
+        duplicate_window: config.duplicate_window.min(subjects::PRESENCE_RETENTION),
+        storage,
+        num_replicas: config.replicas,
+        ..Default::default()
+    });
     streams.push(stream::Config {
         name: subjects::DLQ_STREAM.to_string(),
         description: Some("inkwire dead letters: messages consumers gave up on".into()),

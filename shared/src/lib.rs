@@ -25,6 +25,7 @@ pub mod schema;
 pub mod state;
 pub mod subjects;
 pub mod telemetry;
+pub mod user_presence;
 pub mod websocket;
 
 pub use state::AppState;

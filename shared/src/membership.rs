@@ -366,6 +366,80 @@ pub async fn document_in_project(
     Ok((owner.as_deref() == Some(project)).then_some(title))
 }
 
+/// The Redis set of a chat room's participants (written by the chat function, read by the
+/// relay's `room:` check and by user presence).
+pub fn room_participants_key(room: &str) -> String {
+    format!("inkwire:room:{room}:participants")
+}
+/// The Redis set of the rooms a user was added to (written by the chat function; may still
+/// name a room the user has left, so every use checks the room's participants).
+fn user_rooms_key(user: &str) -> String {
+    format!("inkwire:chat:user:{user}:rooms")
+}
+
+/// The participants of chat room `room`.
+pub async fn room_participants(
+    redis: &mut ConnectionManager,
+    room: &str,
+) -> redis::RedisResult<Vec<String>> {
+    redis.smembers(room_participants_key(room)).await
+}
+
+/// Is `user` a participant of chat room `room`?
+pub async fn is_room_participant(
+    redis: &mut ConnectionManager,
+    room: &str,
+    user: &str,
+) -> redis::RedisResult<bool> {
+    redis.sismember(room_participants_key(room), user).await
+}
+
+/// The chat rooms `user` is a participant of now (valid ids only).
+pub async fn rooms_of(
+    redis: &mut ConnectionManager,
+    user: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let listed: Vec<String> = redis.smembers(user_rooms_key(user)).await?;
+    let listed: Vec<String> = listed.into_iter().filter(|r| is_valid_id(r)).collect();
+    if listed.is_empty() {
+        return Ok(listed);
+    }
+    let mut pipe = redis::pipe();
+    for room in &listed {
+        pipe.sismember(room_participants_key(room), user);
+    }
+    let member: Vec<bool> = pipe.query_async(redis).await?;
+    Ok(listed
+        .into_iter()
+        .zip(member)
+        .filter_map(|(r, m)| m.then_some(r))
+        .collect())
+}
+
+/// Do `a` and `b` share a project or a chat room?
+pub async fn share_project_or_room(
+    redis: &mut ConnectionManager,
+    a: &str,
+    b: &str,
+) -> redis::RedisResult<bool> {
+    let common: Vec<String> = redis
+        .sinter(&[user_projects_key(a), user_projects_key(b)])
+        .await?;
+    if !common.is_empty() {
+        return Ok(true);
+    }
+    let rooms = rooms_of(redis, a).await?;
+    if rooms.is_empty() {
+        return Ok(false);
+    }
+    let mut pipe = redis::pipe();
+    for room in &rooms {
+        pipe.sismember(room_participants_key(room), b);
+    }
+    let member: Vec<bool> = pipe.query_async(redis).await?;
+    Ok(member.into_iter().any(|m| m))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,7 @@ schema_files!(
     "api/chat-edit-request.json",
     "api/chat-read-request.json",
     "api/client-session-request.json",
+    "api/presence-status-request.json",
     "relay/client-subscribe.json",
     "relay/client-unsubscribe.json",
     "relay/client-ping.json",

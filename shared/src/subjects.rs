@@ -38,6 +38,29 @@ pub fn chat_subject(room: &str) -> String {
     format!("{CHAT_PREFIX}.{room}")
 }
 
+/// Stream of user-presence reports (issue 12): each relay instance publishes what happened
+/// to its connections (opened, active, closed) and its heartbeat on
+/// `presence.report.{instanceId}`; the presence worker applies them in order per instance.
+/// Kept briefly (`PRESENCE_RETENTION`): a report is only worth reading while the worker is
+/// catching up.
+pub const PRESENCE_STREAM: &str = "PRESENCE";
+/// Prefix of the PRESENCE stream's subjects.
+pub const PRESENCE_PREFIX: &str = "presence";
+/// How long the PRESENCE stream keeps a report.
+pub const PRESENCE_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `presence.report.{instanceId}`: one relay instance's reports. `instance` must be a valid id.
+pub fn presence_report_subject(instance: &str) -> String {
+    format!("{PRESENCE_PREFIX}.report.{instance}")
+}
+
+/// `inkwire.presence.resync.{instanceId}` (core NATS, not stored): the presence worker asks
+/// an instance whose connections it swept (its heartbeat had lapsed) to report all its live
+/// connections again.
+pub fn presence_resync_subject(instance: &str) -> String {
+    format!("inkwire.presence.resync.{instance}")
+}
+
 /// Headers set on dead-letter copies.
 pub mod dlq_headers {
     pub const REASON: &str = "Inkwire-Dlq-Reason";

@@ -49,6 +49,16 @@ pub struct Instance {
     pub shutdown: ShutdownTrigger,
 }
 
+/// The settings tests start from: the defaults, without the user-presence worker (its
+/// `presence_update` frames on project and room channels would be noise in the tests of
+/// other features; `tests/user_presence.rs` turns it on).
+fn test_settings() -> inkwire::Settings {
+    inkwire::Settings {
+        without_presence_worker: true,
+        ..inkwire::Settings::default()
+    }
+}
+
 async fn serve_instance(
     state: AppState,
     settings: inkwire::Settings,
@@ -124,7 +134,7 @@ impl TestEnv {
         let state = AppState::connect(config, "inkwire-test")
             .await
             .expect("connect to test servers");
-        let mut settings = inkwire::Settings::default();
+        let mut settings = test_settings();
         settings_tweak(&mut settings);
         let (base, relay, coedit, shutdown, tx) = serve_instance(state.clone(), settings).await;
         TestEnv {
@@ -157,7 +167,7 @@ impl TestEnv {
         let state = AppState::connect(config, "inkwire-test-2")
             .await
             .expect("connect second instance");
-        let mut settings = inkwire::Settings::default();
+        let mut settings = test_settings();
         settings_tweak(&mut settings);
         let (base, relay, coedit, shutdown, tx) = serve_instance(state, settings).await;
         std::mem::forget(tx); // served until the test ends

@@ -1,9 +1,9 @@
 //! Every function of inkwire composed into one process: the events API, the relay (WebSocket
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
-//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms and the
-//! client session store, on one address. Used by `inkwire dev`, `inkwire serve`, the
-//! benchmarks and the end-to-end tests.
+//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, the
+//! client session store and user presence (its API and worker), on one address. Used by
+//! `inkwire dev`, `inkwire serve`, the benchmarks and the end-to-end tests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use inkwire_notifications::delivery::{DeliverySettings, DeliveryWorker};
 use inkwire_notifications::notifier::{Notifier, NotifierSettings};
 use inkwire_notifications::providers::{ProviderConfig, Providers};
 use inkwire_notifications::rules::{self, RulesWorker};
+use inkwire_presence::{PresenceApi, PresenceConfig, PresenceWorker};
 use inkwire_relay::{Relay, RelayConfig};
 use inkwire_shared::AppState;
 use inkwire_shared::consumer::Shutdown;
@@ -45,6 +46,13 @@ pub struct Settings {
     pub coedit: CoeditConfig,
     /// The client session store's TTL and limits.
     pub client_sessions: ClientSessionConfig,
+    /// User presence: away time, heartbeat TTL.
+    pub presence: PresenceConfig,
+    /// Run no presence worker in this process (reports wait in the PRESENCE stream for a
+    /// `presence-worker` elsewhere, and no `presence_update` is pushed from here). The test
+    /// harness sets it by default, so that tests of other features see no presence frames
+    /// on the project and room channels they watch.
+    pub without_presence_worker: bool,
 }
 
 impl Settings {
@@ -60,6 +68,8 @@ impl Settings {
             without_delivery: false,
             coedit: CoeditConfig::from_env()?,
             client_sessions: ClientSessionConfig::from_env()?,
+            presence: PresenceConfig::from_env()?,
+            without_presence_worker: false,
         })
     }
 }
@@ -73,7 +83,8 @@ pub struct Running {
 }
 
 /// Builds the router and starts the background parts (relay stats responder, router
-/// consumers, writing tracker and scheduler, notifier and notification scheduler). They stop when `shutdown` is triggered.
+/// consumers, writing tracker and scheduler, notifier and notification scheduler, presence
+/// worker). They stop when `shutdown` is triggered.
 pub async fn start(
     state: AppState,
     settings: Settings,
@@ -135,6 +146,20 @@ pub async fn start(
         Some(r) => r,
         None => rules::from_env(&notify)?,
     };
+    let presence_task = tokio::spawn(if settings.without_presence_worker {
+        futures::future::ready(Ok(())).boxed()
+    } else {
+        inkwire_presence::run_worker(
+            PresenceWorker {
+                js: state.js.clone(),
+                nats: state.nats.clone(),
+                redis: state.redis.clone(),
+                config: settings.presence.clone(),
+            },
+            shutdown.clone(),
+        )
+        .boxed()
+    });
     let rules_task = tokio::spawn(rules::run_rules(
         RulesWorker {
             js: state.js.clone(),
@@ -158,6 +183,10 @@ pub async fn start(
         app: state.clone(),
         config: Arc::new(settings.client_sessions),
     };
+    let presence = PresenceApi {
+        app: state.clone(),
+        config: settings.presence,
+    };
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
@@ -168,7 +197,8 @@ pub async fn start(
         .merge(inkwire_chat::routes(inkwire_chat::ChatApi {
             app: chat_state,
         }))
-        .merge(inkwire_client_sessions::routes(client_sessions));
+        .merge(inkwire_client_sessions::routes(client_sessions))
+        .merge(inkwire_presence::routes(presence));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
@@ -180,6 +210,7 @@ pub async fn start(
             notify_scheduler_task,
             delivery_task,
             rules_task,
+            presence_task,
         ],
         coedit,
     })

@@ -13,12 +13,14 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use inkwire_shared::auth::{Caller, unix_now};
 use inkwire_shared::channels::Channel;
+use inkwire_shared::user_presence::Device;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 
 use crate::Relay;
 use crate::hub::{Outbound, Peer};
 use crate::permissions::{self, Access, WsPath};
+use crate::presence::ActivityMark;
 use crate::protocol::{
     ClientFrame, ServerFrame, UnsubscribeReason, close, codes, parse_client_frame,
 };
@@ -53,6 +55,8 @@ struct Conn {
     ended: Vec<String>,
     bad_frames: u32,
     rate_dropped: u32,
+    /// Marks this connection active for user presence (one atomic load per client frame).
+    activity: ActivityMark,
 }
 
 /// Reasons to end a connection that do not come from the socket.
@@ -65,13 +69,16 @@ enum Stop {
 /// Why the loop ended: the close frame to send, if any.
 type Ending = Option<(u16, &'static str)>;
 
-pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) {
+pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath, device: Device) {
     let id = relay.next_connection_id();
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(relay.config.send_queue);
     let (control, control_rx) = revocation::control_channel();
     let connection_id = format!("{}-{id}", relay.instance_id);
     relay.register_connection(&caller.user_id, id, control.clone());
+    let activity = relay
+        .presence
+        .opened(id, &connection_id, &caller.user_id, device);
     let mut conn = Conn {
         relay: relay.clone(),
         caller,
@@ -87,6 +94,7 @@ pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) 
         ended: Vec::new(),
         bad_frames: 0,
         rate_dropped: 0,
+        activity,
     };
     relay.metrics.connection_opened(path);
     let mut stream = stream;
@@ -115,6 +123,7 @@ pub async fn run(socket: WebSocket, relay: Relay, caller: Caller, path: WsPath) 
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.sink.close()).await;
     relay.unregister_connection(&conn.caller.user_id, conn.id);
+    relay.presence.closed(conn.id);
     for channel in std::mem::take(&mut conn.channels).into_keys() {
         relay.hub.leave(&channel, conn.id).await;
     }
@@ -322,6 +331,7 @@ impl Conn {
                     match msg {
                         Message::Text(text) => {
                             self.relay.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                            self.activity.touch();
                             if !bucket.try_take() {
                                 self.relay.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
                                 self.rate_dropped += 1;

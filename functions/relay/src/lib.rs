@@ -16,6 +16,7 @@ pub mod connection;
 pub mod hub;
 pub mod metrics;
 pub mod permissions;
+pub mod presence;
 pub mod protocol;
 pub mod rate_limit;
 pub mod recovery;
@@ -40,6 +41,7 @@ use inkwire_shared::auth::{AuthError, Caller};
 use inkwire_shared::config::{ConfigError, parse_duration};
 use inkwire_shared::consumer::Shutdown;
 use inkwire_shared::problem::Problem;
+use inkwire_shared::user_presence::Device;
 use inkwire_shared::websocket::{find_token, upgrade_rejection};
 
 use crate::hub::Hub;
@@ -61,6 +63,8 @@ pub struct RelayConfig {
     /// for access changes whose announcement was missed.
     pub recheck_interval: Duration,
     pub router: router::RouterConfig,
+    /// User presence reports: how often, and the heartbeat of an idle instance.
+    pub presence: presence::PresenceReportConfig,
 }
 
 impl Default for RelayConfig {
@@ -75,6 +79,7 @@ impl Default for RelayConfig {
             max_frame_bytes: 64 * 1024,
             recheck_interval: Duration::from_secs(30),
             router: router::RouterConfig::default(),
+            presence: presence::PresenceReportConfig::default(),
         }
     }
 }
@@ -133,6 +138,26 @@ impl RelayConfig {
                     problem,
                 })?;
         }
+        let short = |name: &'static str| -> Result<Option<Duration>, ConfigError> {
+            match std::env::var(name) {
+                Err(_) => Ok(None),
+                Ok(v) => parse_duration(&v)
+                    .and_then(|d| {
+                        if (Duration::from_millis(50)..=Duration::from_secs(3600)).contains(&d) {
+                            Ok(Some(d))
+                        } else {
+                            Err(format!("{v:?} is not between 50ms and 1h"))
+                        }
+                    })
+                    .map_err(|problem| ConfigError { name, problem }),
+            }
+        };
+        if let Some(d) = short("INKWIRE_RELAY_PRESENCE_INTERVAL")? {
+            c.presence.report_interval = d;
+        }
+        if let Some(d) = short("INKWIRE_RELAY_PRESENCE_HEARTBEAT")? {
+            c.presence.heartbeat = d;
+        }
         c.router = router::RouterConfig::from_env()?;
         Ok(c)
     }
@@ -147,6 +172,8 @@ pub struct Relay {
     pub config: Arc<RelayConfig>,
     pub instance_id: String,
     pub shutdown: Shutdown,
+    /// Connection reports for user presence.
+    pub presence: Arc<presence::PresenceReporter>,
     next_id: Arc<AtomicU64>,
     /// Per user: connections admitted (counted against the per-user limit) and the control
     /// handle of each open one.
@@ -182,6 +209,7 @@ impl Relay {
             hub,
             metrics,
             config: Arc::new(config),
+            presence: presence::PresenceReporter::new(instance_id.clone()),
             instance_id,
             shutdown,
             next_id: Arc::new(AtomicU64::new(1)),
@@ -262,13 +290,52 @@ impl Relay {
     }
 
     /// Starts the background parts of this instance: the stats responder, the periodic
-    /// re-check of rights and the access-change listener. The router runs separately (`router::run`), once per
-    /// deployment or per instance.
+    /// re-check of rights, the access-change listener and the presence reports. The router
+    /// runs separately (`router::run`), once per deployment or per instance.
     pub async fn start_background(&self) -> anyhow::Result<()> {
         api::spawn_stats_responder(self.clone()).await?;
+        tokio::spawn(self.presence.clone().run(
+            self.app.nats.clone(),
+            self.app.js.clone(),
+            self.config.presence.clone(),
+            self.shutdown.clone(),
+        ));
         revocation::spawn_periodic_recheck(self.clone());
         revocation::spawn_access_listener(self.clone()).await
     }
+}
+
+/// The relay as its own long-running process (the `relay` binary, and the tests'
+/// `relay-process`): configuration from the environment, the background parts, the router
+/// (unless `INKWIRE_ROUTER=off`), served until SIGTERM or Ctrl-C, every WebSocket closed with
+/// "going away" first.
+pub async fn serve_from_env() -> anyhow::Result<()> {
+    use inkwire_shared::consumer::ShutdownTrigger;
+    use inkwire_shared::http;
+    let relay_config = RelayConfig::from_env()?;
+    let app = AppState::start_from_env("inkwire-relay").await?;
+    let addr = app.config.http_addr;
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let relay = Relay::new(app.clone(), relay_config.clone(), shutdown.clone());
+    relay.start_background().await?;
+    let router = (std::env::var("INKWIRE_ROUTER").as_deref() != Ok("off")).then(|| {
+        tokio::spawn(router::run_router(
+            app.js.clone(),
+            relay_config.router,
+            shutdown.clone(),
+        ))
+    });
+    let served = http::serve(self::app(relay), addr, async move {
+        http::shutdown_signal().await;
+        // Close every WebSocket with "going away" before the server stops.
+        trigger.trigger();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    })
+    .await;
+    if let Some(r) = router {
+        let _ = r.await;
+    }
+    served
 }
 
 /// The relay as a complete service (its own binary): routes and health behind the shared edge,
@@ -336,6 +403,11 @@ async fn upgrade(
         Ok(c) => c,
         Err(e) => return Problem::from(e).into_response(),
     };
+    // The device as the client reports it (user presence); nothing is guessed from headers.
+    let device = match Device::from_query(&query) {
+        Ok(d) => d,
+        Err(why) => return Problem::bad_request("invalid_parameter", why).into_response(),
+    };
     if relay.shutdown.is_triggered() {
         return Problem::unavailable("relay is shutting down; connect to another instance")
             .into_response();
@@ -363,7 +435,7 @@ async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(move |_| relay2.release_user(&user))
-        .on_upgrade(move |socket| connection::run(socket, relay, caller, path))
+        .on_upgrade(move |socket| connection::run(socket, relay, caller, path, device))
 }
 
 async fn metrics_text(State(relay): State<Relay>, caller: Caller) -> Response {

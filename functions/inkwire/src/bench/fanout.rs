@@ -479,6 +479,8 @@ async fn scenario_relay(args: &FanoutArgs, state: &AppState) -> anyhow::Result<F
     };
     let settings = inkwire::Settings {
         relay: relay_config,
+        // The clients' own presence_update frames on the project channel are not fan-out.
+        without_presence_worker: true,
         ..Default::default()
     };
     let served = super::Served::start(state, settings).await?;

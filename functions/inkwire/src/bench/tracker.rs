@@ -293,6 +293,8 @@ async fn latency_scenario(
             live_interval: Duration::ZERO,
             ..TrackerConfig::default()
         },
+        // Measures live metrics only: no presence_update frames.
+        without_presence_worker: true,
         ..Default::default()
     };
     let served = super::Served::start(state, settings).await?;
