@@ -1,7 +1,8 @@
 //! Every function of inkwire composed into one process: the events API, the relay (WebSocket
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
-//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
+//! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, the activity log
+//! (API, consumers and sweep), on one address. Used by `inkwire dev`, `inkwire serve`, the benchmarks and the
 //! end-to-end tests.
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use futures::FutureExt;
+use inkwire_activity::ActivityConfig;
 use inkwire_collaboration::{Coedit, CoeditConfig};
 use inkwire_notifications::api::NotificationsApi;
 use inkwire_notifications::config::NotifyConfig;
@@ -41,6 +43,8 @@ pub struct Settings {
     pub without_delivery: bool,
     /// Co-editing limits and timings.
     pub coedit: CoeditConfig,
+    /// Activity log retention and sweep.
+    pub activity: ActivityConfig,
 }
 
 impl Settings {
@@ -55,6 +59,7 @@ impl Settings {
             rules: None,
             without_delivery: false,
             coedit: CoeditConfig::from_env()?,
+            activity: ActivityConfig::from_env()?,
         })
     }
 }
@@ -130,6 +135,13 @@ pub async fn start(
         Some(r) => r,
         None => rules::from_env(&notify)?,
     };
+    let activity_task = tokio::spawn(inkwire_activity::run_worker(
+        state.js.clone(),
+        state.redis.clone(),
+        (*state.config).clone(),
+        settings.activity.clone(),
+        shutdown.clone(),
+    ));
     let rules_task = tokio::spawn(rules::run_rules(
         RulesWorker {
             js: state.js.clone(),
@@ -149,6 +161,10 @@ pub async fn start(
         providers,
     };
     let chat_state = state.clone();
+    let activity = inkwire_activity::ActivityApi {
+        app: state.clone(),
+        config: Arc::new(settings.activity),
+    };
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
@@ -158,7 +174,8 @@ pub async fn start(
         .merge(inkwire_collaboration::routes(coedit.clone()))
         .merge(inkwire_chat::routes(inkwire_chat::ChatApi {
             app: chat_state,
-        }));
+        }))
+        .merge(inkwire_activity::routes(activity));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
@@ -170,6 +187,7 @@ pub async fn start(
             notify_scheduler_task,
             delivery_task,
             rules_task,
+            activity_task,
         ],
         coedit,
     })
