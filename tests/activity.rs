@@ -95,7 +95,10 @@ fn types(entries: &[Value]) -> Vec<String> {
 /// Every value the activity log keeps in Redis, as text.
 async fn activity_values(env: &TestEnv) -> Vec<String> {
     let mut redis = env.state.redis.clone();
-    let keys = inkwire_activity::store::all_keys(&mut redis).await.unwrap();
+    let names: Vec<&str> = sources().iter().map(|s| s.name).collect();
+    let keys = inkwire_activity::store::all_keys(&mut redis, &names)
+        .await
+        .unwrap();
     let mut out = Vec::new();
     for key in keys {
         let kind: String = redis::cmd("TYPE")
@@ -123,6 +126,7 @@ async fn activity_values(env: &TestEnv) -> Vec<String> {
                     .await
                     .unwrap(),
             ],
+            "none" => continue,
             other => panic!("unexpected {other} at {key}"),
         };
         out.push(key);

@@ -469,7 +469,12 @@ const ROUTES: &[Route] = &[
     route(Method::GET, "/api/realtime/activity", None, As::Owner),
     route(Method::GET, "/api/realtime/activity/stats", None, As::Owner),
     route(Method::GET, "/api/realtime/activity", None, As::Service),
-    route(Method::GET, "/api/realtime/activity/stats", None, As::Service),
+    route(
+        Method::GET,
+        "/api/realtime/activity/stats",
+        None,
+        As::Service,
+    ),
     // Health.
     route(Method::GET, "/healthz", None, As::Nobody),
     route(Method::GET, "/readyz", None, As::Nobody),
@@ -587,7 +592,9 @@ fn odd_queries() -> Vec<String> {
         "0000-01-01T00:00:00Z",
         "2026-11-21T10:00:00%2B99:99",
     ];
-    for key in ["from", "to", "type", "limit", "cursor", "token", "tz", "userId", "x"] {
+    for key in [
+        "from", "to", "type", "limit", "cursor", "token", "tz", "userId", "x",
+    ] {
         for v in values {
             out.push(format!("{key}={v}"));
         }

@@ -33,7 +33,8 @@ pub async fn replay(
     config: &ActivityConfig,
 ) -> anyhow::Result<ReplayStats> {
     let mut conn = redis.clone();
-    let keys = store::all_keys(&mut conn).await?;
+    let names: Vec<&str> = sources().iter().map(|s| s.name).collect();
+    let keys = store::all_keys(&mut conn, &names).await?;
     let mut stats = ReplayStats {
         keys_deleted: keys.len() as u64,
         ..Default::default()

@@ -10,16 +10,20 @@
 //!   is a whole number of quarter hours, so a quarter lies in one local hour). Each expires
 //!   at the end of its day plus the retention.
 //!
-//! Shared: `inkwire:activity:hwm` (hash: source → the highest stream sequence applied) and the
-//! due queue `inkwire:activity:sweep` (user → when their oldest entry leaves the retention).
+//! Shared: the due queue `inkwire:activity:sweep` (user → when their oldest entry leaves the
+//! retention), and `shared::idempotency`'s `inkwire:hwm:activity` (hash: source → the highest
+//! stream sequence applied) and `inkwire:applied:activity:{source}` (the sequences applied in
+//! the last 15 minutes).
 //!
-//! Writing an entry is one script: the source's high-water mark is checked and advanced with
-//! the write, so a redelivered message (its sequence at or below the mark) changes nothing.
-//! The same script trims the user's entries older than the retention and queues the user for
-//! the sweep, which trims users that stopped writing (any number of instances: leases).
+//! Writing an entry is one script (`shared::idempotency::apply_once`): the source's mark and
+//! applied window are checked and advanced with the write, so a redelivered message changes
+//! nothing, even one redelivered after later messages. The same script trims the user's
+//! entries older than the retention and queues the user for the sweep, which trims users
+//! that stopped writing (any number of instances: leases).
 
 use inkwire_shared::due_queue::{DueQueue, Lease};
-use redis::aio::ConnectionLike;
+use inkwire_shared::idempotency::{Writes, apply_once};
+use redis::aio::{ConnectionLike, ConnectionManager};
 use serde_json::{Value, json};
 
 use crate::sources::{Activity, Kind};
@@ -46,10 +50,6 @@ fn log_keys(user: &str) -> Vec<String> {
 
 pub fn days_key(user: &str, utc_day: &str) -> String {
     format!("{PREFIX}:days:{user}:{utc_day}")
-}
-
-pub fn hwm_key() -> String {
-    format!("{PREFIX}:hwm")
 }
 
 pub fn sweep_queue() -> DueQueue {
@@ -110,26 +110,6 @@ fn entry_json(a: &Activity) -> Value {
     v
 }
 
-/// KEYS: hwm, sweep queue, day bucket, log, log of the type, the other type logs.
-/// ARGV: source, seq, member, cutoff (13 digits), bucket field, bucket expiry (unix s), user,
-/// sweep due (ms). Returns 1 when written, 0 when the sequence was applied before.
-const RECORD: &str = r#"
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) <= last then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[4], 0, ARGV[3])
-redis.call('ZADD', KEYS[5], 0, ARGV[3])
-for i = 4, #KEYS do
-  redis.call('ZREMRANGEBYLEX', KEYS[i], '-', '(' .. ARGV[4])
-end
-redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
-redis.call('EXPIREAT', KEYS[3], ARGV[6])
-redis.call('ZADD', KEYS[2], 'NX', ARGV[8], ARGV[7])
-return 1
-"#;
-
 /// KEYS: sweep queue, the user's lease key, the user's logs (the whole log first).
 /// ARGV: cutoff (13 digits), lease token, user, retention (ms). Trims, then — if this claim's
 /// lease is still live — queues the user again for when the oldest remaining entry expires,
@@ -154,13 +134,24 @@ redis.call('ZADD', KEYS[1], at + tonumber(ARGV[4]), ARGV[3])
 return left
 "#;
 
-static RECORD_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 static SWEEP_SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
 
-/// Writes `a` (from position `seq` of `source`) unless that source's mark is at or past
-/// `seq`; trims the user's entries older than `now_ms - retention_ms`. True if written.
-pub async fn record<C: ConnectionLike>(
-    redis: &mut C,
+/// The consumer name under which `shared::idempotency` keeps the activity log's high-water
+/// marks (`inkwire:hwm:activity`, one field per source) and applied windows
+/// (`inkwire:applied:activity:{source}`).
+pub const CONSUMER: &str = "activity";
+
+/// How long a source remembers the sequences it applied: longer than a message's delivery
+/// lifetime (30 s ack wait × 5 deliveries plus the 1 s / 5 s / 30 s / 2 min backoff), so any
+/// redelivery is recognised, even one that comes after later messages (a retry).
+pub const APPLIED_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Writes `a` (from position `seq` of `source`) once: with `shared::idempotency::apply_once`,
+/// so the source's high-water mark and applied window are checked and advanced in the same
+/// script as the write. Also trims the user's entries older than `now_ms - retention_ms` and
+/// queues the user for the sweep. True if written (false: a redelivery).
+pub async fn record(
+    redis: &mut ConnectionManager,
     source: &str,
     seq: u64,
     a: &Activity,
@@ -172,32 +163,30 @@ pub async fn record<C: ConnectionLike>(
     let (day, quarter) = utc_day_quarter(a.at_ms);
     let day_end_s = (a.at_ms / DAY_MS + 1) * (DAY_MS / 1000);
     let expires_s = day_end_s + retention_ms.div_ceil(1000);
-    let mut script = RECORD_SCRIPT
-        .get_or_init(|| redis::Script::new(RECORD))
-        .prepare_invoke();
-    script
-        .key(hwm_key())
-        .key(sweep_queue().key())
-        .key(days_key(&a.user, &day))
-        .key(log_key(&a.user))
-        .key(type_key(&a.user, a.kind));
-    for k in Kind::ALL {
-        if k != a.kind {
-            script.key(type_key(&a.user, k));
-        }
+    let cutoff = format!("({}", time_part(now_ms.saturating_sub(retention_ms)));
+    let bucket = days_key(&a.user, &day);
+    let mut writes = Writes::new()
+        .cmd(["ZADD", &log_key(&a.user), "0", &member])
+        .cmd(["ZADD", &type_key(&a.user, a.kind), "0", &member]);
+    for key in log_keys(&a.user) {
+        writes.push(["ZREMRANGEBYLEX", &key, "-", &cutoff]);
     }
-    let written: i64 = script
-        .arg(source)
-        .arg(seq)
-        .arg(member)
-        .arg(time_part(now_ms.saturating_sub(retention_ms)))
-        .arg(format!("{}:{quarter}", a.kind.as_str()))
-        .arg(expires_s)
-        .arg(&a.user)
-        .arg(a.at_ms.saturating_add(retention_ms))
-        .invoke_async(redis)
-        .await?;
-    Ok(written == 1)
+    let writes = writes
+        .cmd([
+            "HINCRBY",
+            &bucket,
+            &format!("{}:{quarter}", a.kind.as_str()),
+            "1",
+        ])
+        .cmd(["EXPIREAT", &bucket, &expires_s.to_string()])
+        .cmd([
+            "ZADD",
+            sweep_queue().key(),
+            "NX",
+            &a.at_ms.saturating_add(retention_ms).to_string(),
+            &a.user,
+        ]);
+    apply_once(redis, CONSUMER, source, seq, &writes, APPLIED_WINDOW).await
 }
 
 /// Trims the user of `lease` (claimed from [`sweep_queue`]) to the retention and queues them
@@ -322,9 +311,18 @@ pub async fn quarters<C: ConnectionLike>(
     Ok(out)
 }
 
-/// Every Redis key of the activity log (for `inkwire replay activity`).
-pub async fn all_keys<C: ConnectionLike>(redis: &mut C) -> redis::RedisResult<Vec<String>> {
-    let mut keys = Vec::new();
+/// Every Redis key of the activity log, with the high-water marks and applied windows of
+/// `sources` (for `inkwire replay activity`; some may not exist).
+pub async fn all_keys<C: ConnectionLike>(
+    redis: &mut C,
+    sources: &[&str],
+) -> redis::RedisResult<Vec<String>> {
+    let mut keys = vec![format!("inkwire:hwm:{CONSUMER}")];
+    keys.extend(
+        sources
+            .iter()
+            .map(|s| format!("inkwire:applied:{CONSUMER}:{s}")),
+    );
     let mut cursor: u64 = 0;
     loop {
         let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")

@@ -1,13 +1,10 @@
 //! The activity worker: one durable consumer per source (shared's consumer runner) and the
 //! retention sweep.
 //!
-//! Each consumer lets the server have one unacknowledged message at a time
-//! (`max_ack_pending = 1`), so a source is applied strictly in stream order, even across
-//! retries. That is what makes its high-water mark exact: a sequence above the mark is never
-//! written while one below it still waits for a retry, so "at or below the mark" means
-//! "applied", and a redelivery (after a crash between the write and the ack) is recognised.
-//! Activity sources are low-rate streams (session starts and ends, edits aggregated per few
-//! seconds, comments, messages, reads), so one at a time keeps up.
+//! A message is applied once: `store::record` goes through `shared::idempotency::apply_once`
+//! (the source's high-water mark and window of applied sequences, checked and advanced in
+//! the same script as the write), so a redelivery after a crash between the write and the
+//! ack, or a retry that comes after later messages, changes nothing.
 //!
 //! The sweep is a ticker that claims due users from the `inkwire:activity:sweep` due queue
 //! (leases, so several instances share the work and a dead one loses nothing) and trims each;
