@@ -8,7 +8,8 @@
 //! [`MAX_ERROR_BODY`] (large values are not echoed), and the server stays ready.
 //!
 //! [`ROUTES`] lists the routes of every router (events, membership, relay API, writing,
-//! notifications, chat, presence, health, relay paths); a route added to a router belongs here too.
+//! notifications, chat, presence, activity, health, relay paths); a route added to a router
+//! belongs here too.
 
 use std::time::Duration;
 
@@ -510,6 +511,16 @@ const ROUTES: &[Route] = &[
         Some(|| json!({"status": "away"})),
         As::Owner,
     ),
+    // Activity log (the caller's own, and another user's with a service token).
+    route(Method::GET, "/api/realtime/activity", None, As::Owner),
+    route(Method::GET, "/api/realtime/activity/stats", None, As::Owner),
+    route(Method::GET, "/api/realtime/activity", None, As::Service),
+    route(
+        Method::GET,
+        "/api/realtime/activity/stats",
+        None,
+        As::Service,
+    ),
     // Health.
     route(Method::GET, "/healthz", None, As::Nobody),
     route(Method::GET, "/readyz", None, As::Nobody),
@@ -627,7 +638,9 @@ fn odd_queries() -> Vec<String> {
         "0000-01-01T00:00:00Z",
         "2026-11-21T10:00:00%2B99:99",
     ];
-    for key in ["from", "to", "type", "limit", "cursor", "token", "x"] {
+    for key in [
+        "from", "to", "type", "limit", "cursor", "token", "tz", "userId", "x",
+    ] {
         for v in values {
             out.push(format!("{key}={v}"));
         }

@@ -2,8 +2,9 @@
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
 //! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, the
-//! client session store and user presence (its API and worker), on one address. Used by
-//! `inkwire dev`, `inkwire serve`, the benchmarks and the end-to-end tests.
+//! client session store, user presence (its API and worker) and the activity log (API,
+//! consumers and sweep), on one address. Used by `inkwire dev`, `inkwire serve`, the
+//! benchmarks and the end-to-end tests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use futures::FutureExt;
 use inkwire_client_sessions::ClientSessionConfig;
+use inkwire_activity::ActivityConfig;
 use inkwire_collaboration::{Coedit, CoeditConfig};
 use inkwire_notifications::api::NotificationsApi;
 use inkwire_notifications::config::NotifyConfig;
@@ -53,6 +55,8 @@ pub struct Settings {
     /// harness sets it by default, so that tests of other features see no presence frames
     /// on the project and room channels they watch.
     pub without_presence_worker: bool,
+    /// Activity log retention and sweep.
+    pub activity: ActivityConfig,
 }
 
 impl Settings {
@@ -70,6 +74,7 @@ impl Settings {
             client_sessions: ClientSessionConfig::from_env()?,
             presence: PresenceConfig::from_env()?,
             without_presence_worker: false,
+            activity: ActivityConfig::from_env()?,
         })
     }
 }
@@ -160,6 +165,13 @@ pub async fn start(
         )
         .boxed()
     });
+    let activity_task = tokio::spawn(inkwire_activity::run_worker(
+        state.js.clone(),
+        state.redis.clone(),
+        (*state.config).clone(),
+        settings.activity.clone(),
+        shutdown.clone(),
+    ));
     let rules_task = tokio::spawn(rules::run_rules(
         RulesWorker {
             js: state.js.clone(),
@@ -187,6 +199,10 @@ pub async fn start(
         app: state.clone(),
         config: settings.presence,
     };
+    let activity = inkwire_activity::ActivityApi {
+        app: state.clone(),
+        config: Arc::new(settings.activity),
+    };
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
@@ -198,7 +214,8 @@ pub async fn start(
             app: chat_state,
         }))
         .merge(inkwire_client_sessions::routes(client_sessions))
-        .merge(inkwire_presence::routes(presence));
+        .merge(inkwire_presence::routes(presence))
+        .merge(inkwire_activity::routes(activity));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
@@ -211,6 +228,7 @@ pub async fn start(
             delivery_task,
             rules_task,
             presence_task,
+            activity_task,
         ],
         coedit,
     })

@@ -83,8 +83,9 @@ enum Command {
     },
     /// Rebuild projections from the streams (stop the live consumers first).
     Replay {
-        /// What to rebuild: `writing` (the session projections), or `coedit` (each co-edited
-        /// document from its snapshot and updates, printed as one JSON line per document).
+        /// What to rebuild: `writing` (the session projections), `coedit` (each co-edited
+        /// document from its snapshot and updates, printed as one JSON line per document), or
+        /// `activity` (every user's activity log from its source streams).
         target: String,
         /// With `coedit`: only these documents (default: every document in the stream).
         documents: Vec<String>,
@@ -199,9 +200,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay { target, documents } => {
             telemetry::init();
             anyhow::ensure!(
-                target == "writing" || target == "coedit",
-                "unknown replay target {target:?} (known: writing, coedit)"
+                ["writing", "coedit", "activity"].contains(&target.as_str()),
+                "unknown replay target {target:?} (known: writing, coedit, activity)"
             );
+            if target == "activity" {
+                anyhow::ensure!(
+                    documents.is_empty(),
+                    "replay activity rebuilds every user's log; it takes no ids"
+                );
+                let config = Config::from_env()?;
+                let clock = inkwire_activity::worker::clock(&config);
+                let activity = inkwire_activity::ActivityConfig::from_env()?;
+                let state = AppState::connect(config, "inkwire-replay").await?;
+                let stats =
+                    inkwire_activity::replay::replay(&state.js, &state.redis, clock, &activity)
+                        .await?;
+                println!(
+                    "replayed {} messages ({} recorded, {} skipped) after deleting {} activity keys",
+                    stats.messages, stats.recorded, stats.skipped, stats.keys_deleted
+                );
+                return Ok(());
+            }
             if target == "coedit" {
                 let config = Config::from_env()?;
                 let state = AppState::connect(config, "inkwire-replay").await?;
