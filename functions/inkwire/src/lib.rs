@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use axum::Router;
 use futures::FutureExt;
-use inkwire_client_sessions::ClientSessionConfig;
 use inkwire_activity::ActivityConfig;
+use inkwire_client_sessions::ClientSessionConfig;
 use inkwire_collaboration::{Coedit, CoeditConfig};
 use inkwire_notifications::api::NotificationsApi;
 use inkwire_notifications::config::NotifyConfig;
