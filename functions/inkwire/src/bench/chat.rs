@@ -13,12 +13,23 @@
 //! A message's text is its send time, so each client measures send → frame latency.
 //! Reported: messages/s and deliveries/s (from the first send to the last frame), latency
 //! percentiles, and lost deliveries; the ratio is inkwire's messages/s over the baseline's.
+//!
+//! Presence changes/s: a room of 10 fresh users, each connected to the relay and subscribed
+//! to the room; `senders` of them switch their status (away, online, away, …) through
+//! `POST /api/realtime/presence/status`, each the next time when the answer arrives. Every
+//! change goes through the presence store and is pushed as a `presence_update` to the room,
+//! so each member gets every change. Reported as changes/s (a change counts as delivered
+//! when every member has it) and send → frame latency; its baseline is the bare fan-out to a
+//! room of 10 with the same senders, from the same run. The chat rooms run without the
+//! presence worker (1,000 members connecting would flood the room with presence frames);
+//! the presence room runs with it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Args;
+use futures::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -39,9 +50,12 @@ pub struct ChatArgs {
     /// Messages sent to the room of 1,000 members.
     #[arg(long, default_value_t = 400)]
     large_messages: u64,
-    /// Members sending at once (each waits for its previous message).
+    /// Members sending at once (each waits for its previous message or status change).
     #[arg(long, default_value_t = 10)]
     senders: u64,
+    /// Presence changes made in the presence room (of 10 members).
+    #[arg(long, default_value_t = 4_000)]
+    presence_changes: u64,
     #[arg(long)]
     nats_url: Option<String>,
     #[arg(long)]
@@ -87,8 +101,16 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     )
     .await?;
     let state = bench.state.clone();
-    let served = super::Served::start(&state, inkwire::Settings::default()).await?;
     let mut results = Vec::new();
+    // Presence first, with the presence worker; then the chat rooms without it.
+    let served = super::Served::start(&state, inkwire::Settings::default()).await?;
+    let mut presence_row = presence(&state, &served, args.presence_changes, args.senders).await?;
+    served.stop().await;
+    let settings = inkwire::Settings {
+        without_presence_worker: true,
+        ..Default::default()
+    };
+    let served = super::Served::start(&state, settings).await?;
     for (members, messages) in [(10u64, args.small_messages), (1_000, args.large_messages)] {
         let messages = messages - messages % args.senders;
         let mut base = bare(members, messages, args.senders).await?;
@@ -102,9 +124,18 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                 0.0
             };
         }
+        if members == 10 {
+            presence_row.baseline_messages_per_sec = rate;
+            presence_row.ratio_to_baseline = if rate > 0.0 {
+                presence_row.messages_per_sec / rate
+            } else {
+                0.0
+            };
+        }
         results.push(base);
         results.push(ours);
     }
+    results.push(presence_row);
     served.stop().await;
     bench.stop().await;
     if args.json {
@@ -144,7 +175,8 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         }
         println!(
             "  {} senders, each sending its next message when the previous one is answered \
-             (inkwire) or queued for every client (bare); latency is send → frame",
+             (inkwire) or queued for every client (bare); latency is send → frame; the \
+             presence row counts status changes (its baseline: bare fan-out, room of 10)",
             args.senders
         );
     }
@@ -324,6 +356,190 @@ async fn inkwire(
         members,
         senders,
         messages,
+        failed.load(Ordering::Relaxed),
+        first,
+        &summary,
+    ))
+}
+
+/// Presence changes/s: `senders` members of a room of 10 switch their status in a closed
+/// loop; every member's relay connection must get every change.
+async fn presence(
+    state: &inkwire_shared::AppState,
+    served: &super::Served,
+    changes: u64,
+    senders: u64,
+) -> anyhow::Result<ChatResult> {
+    const MEMBERS: usize = 10;
+    const PREFIX: &str = "bench-presence-";
+    let per_sender = changes / senders;
+    let changes = per_sender * senders;
+    let addr = served.addr.to_string();
+    let users: Vec<String> = (0..MEMBERS).map(|i| format!("{PREFIX}{i}")).collect();
+    let token = |u: &str| state.jwt.issue(u, &[], Duration::from_secs(3600));
+    let mut creator = LoadClient::connect(&addr, &token(&users[0])).await?;
+    let (status, body) = creator
+        .post_json(
+            "/api/realtime/chat/rooms",
+            json!({"name": "bench presence", "participants": users})
+                .to_string()
+                .into_bytes(),
+        )
+        .await?;
+    anyhow::ensure!(
+        status == 201,
+        "creating the presence room: {status} {}",
+        String::from_utf8_lossy(&body)
+    );
+    let room = serde_json::from_slice::<Value>(&body)?["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no room id in {}", String::from_utf8_lossy(&body)))?
+        .to_string();
+    // Every member connected and subscribed; frames are kept only once `recording` is set.
+    let recording = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let expect = changes;
+    let mut observers = Vec::new();
+    for u in &users {
+        let url = format!("ws://{addr}/ws/collaboration?token={}", token(u));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        ws.next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no welcome"))??;
+        let subscribe = json!({"op": "subscribe", "channel": format!("room:{room}")});
+        ws.send(Message::Text(subscribe.to_string().into())).await?;
+        let answer = ws
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no answer to subscribe"))??;
+        anyhow::ensure!(
+            answer.to_text()?.contains("\"subscribed\""),
+            "subscribe refused: {answer}"
+        );
+        let recording = recording.clone();
+        observers.push(tokio::spawn(async move {
+            // (member index, receive time) of every user-presence frame while recording.
+            let mut seen: Vec<(usize, u64)> = Vec::with_capacity(expect as usize);
+            while (seen.len() as u64) < expect {
+                let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+                let Ok(Some(Ok(Message::Text(text)))) = next else {
+                    match next {
+                        Ok(Some(Ok(_))) => continue,
+                        _ => break,
+                    }
+                };
+                let now = now_ns();
+                if !recording.load(Ordering::Acquire) {
+                    continue;
+                }
+                let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                if frame["type"] != "presence_update" || frame["data"]["scope"] != "user" {
+                    continue;
+                }
+                if let Some(i) = frame["data"]["userId"]
+                    .as_str()
+                    .and_then(|u| u.strip_prefix(PREFIX))
+                    .and_then(|i| i.parse::<usize>().ok())
+                {
+                    seen.push((i, now));
+                }
+            }
+            seen
+        }));
+    }
+    // Ready when each sender's status is accepted: its connection is known to the presence
+    // store (the relay's report applied). Then let the connect-time frames drain.
+    let path = "/api/realtime/presence/status";
+    let mut clients = Vec::new();
+    for u in users.iter().take(senders as usize) {
+        let mut client = LoadClient::connect(&addr, &token(u)).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = client
+                .post_json(path, br#"{"status":"online"}"#.to_vec())
+                .await?;
+            if status == 200 {
+                break;
+            }
+            anyhow::ensure!(
+                status == 409 && std::time::Instant::now() < deadline,
+                "{u} not online: {status} {}",
+                String::from_utf8_lossy(&body)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        clients.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    recording.store(true, Ordering::Release);
+    let failed = Arc::new(AtomicU64::new(0));
+    let first = now_ns();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let failed = failed.clone();
+            tokio::spawn(async move {
+                let mut sent = Vec::with_capacity(per_sender as usize);
+                for k in 0..per_sender {
+                    let status = if k % 2 == 0 { "away" } else { "online" };
+                    let body = format!(r#"{{"status":"{status}"}}"#).into_bytes();
+                    sent.push(now_ns());
+                    match client.post_json(path, body).await {
+                        Ok((200, _)) => {}
+                        Ok((status, body)) => {
+                            if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!(
+                                    "status refused: {status} {}",
+                                    String::from_utf8_lossy(&body)
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            eprintln!("status failed: {e}");
+                        }
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.push(t.await?);
+    }
+    // Each member's k-th frame about sender i is sender i's k-th change (one channel keeps
+    // one order).
+    let histogram = super::histogram::Histogram::default();
+    let (mut received, mut last) = (0u64, 0u64);
+    for observer in observers {
+        let seen = observer.await?;
+        let mut next = vec![0usize; MEMBERS];
+        for (i, at) in seen {
+            let k = next[i];
+            next[i] += 1;
+            if let Some(sent_at) = sent.get(i).and_then(|s| s.get(k)) {
+                histogram.record(Duration::from_nanos(at.saturating_sub(*sent_at)));
+                received += 1;
+                last = last.max(at);
+            }
+        }
+    }
+    let summary = ClientsSummary {
+        connected: MEMBERS as u64,
+        failed: 0,
+        received,
+        p50_ms: histogram.quantile_ms(0.50),
+        p99_ms: histogram.quantile_ms(0.99),
+        max_ms: histogram.max_ms(),
+        last_receive_ns: last,
+    };
+    Ok(result(
+        format!("inkwire: presence changes, room of {MEMBERS}"),
+        MEMBERS as u64,
+        senders,
+        changes,
         failed.load(Ordering::Relaxed),
         first,
         &summary,
