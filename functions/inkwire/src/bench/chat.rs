@@ -515,7 +515,7 @@ async fn presence(
     let (mut received, mut last) = (0u64, 0u64);
     for observer in observers {
         let seen = observer.await?;
-        let mut next = vec![0usize; MEMBERS];
+        let mut next = [0usize; MEMBERS];
         for (i, at) in seen {
             let k = next[i];
             next[i] += 1;
