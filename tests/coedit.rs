@@ -8,8 +8,8 @@ use std::time::Duration;
 use inkwire_collaboration::CoeditConfig;
 use inkwire_collaboration::storage::Store;
 use inkwire_shared::membership::ProjectRole;
-use inkwire_tests::TestEnv;
 use inkwire_tests::yjs_peer::{RawEnd, RawYjs, YjsPeer};
+use inkwire_tests::{ServerProcess, TestEnv};
 use reqwest::StatusCode;
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
@@ -428,63 +428,6 @@ async fn an_idle_client_stays_connected_past_the_clients_30_second_timeout() {
     p.exit().await;
 }
 
-/// The `coedit` server as a process of its own (`coedit-process`, the `coedit` binary's
-/// code), against the test environment's NATS and Redis, so that it can be killed with
-/// SIGKILL: no task finishes, no socket is closed cleanly, nothing is flushed.
-struct CoeditProcess {
-    base: String,
-    child: std::process::Child,
-}
-
-impl CoeditProcess {
-    async fn start(env: &TestEnv) -> CoeditProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_coedit-process"))
-            .env_clear()
-            .env("NATS_URL", &env.nats_url)
-            .env("REDIS_URL", &env.redis_url)
-            .env("INKWIRE_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("INKWIRE_ENV", "development")
-            .env("INKWIRE_JWT_SECRET", &env.state.config.jwt_secret)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("run coedit-process");
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = env.http.get(format!("{base}/readyz")).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "coedit-process did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        CoeditProcess { base, child }
-    }
-
-    /// SIGKILL, and waits until the process is gone.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for CoeditProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_killed_server_loses_no_edit_another_client_had_received() {
     let env = env_with(|_| {}).await;
@@ -497,7 +440,7 @@ async fn a_killed_server_loses_no_edit_another_client_had_received() {
         ],
     )
     .await;
-    let mut doomed = CoeditProcess::start(&env).await;
+    let mut doomed = ServerProcess::start(&env, env!("CARGO_BIN_EXE_coedit-process"), &[]).await;
     let mut w = peer(&doomed.base, &env, "d-crash", "wanda").await;
     let mut r = peer(&doomed.base, &env, "d-crash", "rita").await;
     // Wanda types; mid-way the server dies, and so does she (so nothing is resent).

@@ -10,8 +10,8 @@ use std::time::Duration;
 use inkwire_presence::PresenceConfig;
 use inkwire_relay::presence::PresenceReportConfig;
 use inkwire_shared::membership::ProjectRole;
-use inkwire_tests::TestEnv;
 use inkwire_tests::ws::{Ended, WsClient, ws_url};
+use inkwire_tests::{ServerProcess, TestEnv};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -40,64 +40,6 @@ async fn env(away_after: Duration) -> TestEnv {
         },
     )
     .await
-}
-
-/// The relay as its own process, killable with SIGKILL.
-struct RelayProcess {
-    base: String,
-    child: std::process::Child,
-}
-
-impl RelayProcess {
-    async fn start(env: &TestEnv) -> RelayProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_relay-process"))
-            .env_clear()
-            .env("NATS_URL", &env.nats_url)
-            .env("REDIS_URL", &env.redis_url)
-            .env("INKWIRE_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("INKWIRE_ENV", "development")
-            .env("INKWIRE_JWT_SECRET", &env.state.config.jwt_secret)
-            .env("INKWIRE_ROUTER", "off")
-            .env("INKWIRE_RELAY_PRESENCE_INTERVAL", "100ms")
-            .env("INKWIRE_RELAY_PRESENCE_HEARTBEAT", "300ms")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("run relay-process");
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = env.http.get(format!("{base}/readyz")).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "relay-process did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        RelayProcess { base, child }
-    }
-
-    /// SIGKILL, and waits until the process is gone.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A connection of `user` to the relay at `base` (`/ws/presence`), with device parameters.
@@ -207,7 +149,16 @@ async fn a_killed_relay_takes_its_users_offline_within_the_ttl_and_users_on_a_li
     let denied = loner.subscribe("project:p-team", None).await;
     assert_eq!(denied["code"], "forbidden", "{denied}");
 
-    let mut doomed = RelayProcess::start(&env).await;
+    let mut doomed = ServerProcess::start(
+        &env,
+        env!("CARGO_BIN_EXE_relay-process"),
+        &[
+            ("INKWIRE_ROUTER", "off"),
+            ("INKWIRE_RELAY_PRESENCE_INTERVAL", "100ms"),
+            ("INKWIRE_RELAY_PRESENCE_HEARTBEAT", "300ms"),
+        ],
+    )
+    .await;
     let _ann = connect(
         &env,
         &doomed.base,

@@ -276,9 +276,65 @@ pub fn dependency_failed(what: &str, err: impl std::fmt::Display) -> Problem {
     Problem::unavailable(format!("{what} is unavailable; retry later"))
 }
 
+/// An id from a path or query that will become part of a Redis key or NATS subject:
+/// `400 invalid_id` naming `what` unless it keeps the identifier rule
+/// ([`crate::membership::is_valid_id`]).
+pub fn checked_id<'a>(what: &str, raw: &'a str) -> Result<&'a str, Problem> {
+    if crate::membership::is_valid_id(raw) {
+        Ok(raw)
+    } else {
+        Err(Problem::bad_request(
+            "invalid_id",
+            format!(
+                "{what} id {:?} must be 1-64 characters of letters, digits, '_' or '-'",
+                clip(raw, 64)
+            ),
+        ))
+    }
+}
+
+/// Refuses a query parameter that is not in `known` (`400 unknown_parameter`, naming the
+/// parameters the route takes).
+pub fn refuse_unknown_params(
+    params: &std::collections::HashMap<String, String>,
+    known: &[&str],
+) -> Result<(), Problem> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) if known.is_empty() => Err(Problem::bad_request(
+            "unknown_parameter",
+            format!(
+                "unknown query parameter {:?}; this route takes none",
+                clip(unknown, 64)
+            ),
+        )),
+        Some(unknown) => Err(Problem::bad_request(
+            "unknown_parameter",
+            format!(
+                "unknown query parameter {:?}; known: {}",
+                clip(unknown, 64),
+                known.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_and_parameters_are_checked() {
+        assert_eq!(checked_id("room", "r-1").unwrap(), "r-1");
+        assert_eq!(checked_id("room", "a:b").unwrap_err().code, "invalid_id");
+        let mut p = std::collections::HashMap::new();
+        p.insert("limit".to_string(), "1".to_string());
+        assert!(refuse_unknown_params(&p, &["limit"]).is_ok());
+        p.insert("page".to_string(), "1".to_string());
+        let e = refuse_unknown_params(&p, &["limit"]).unwrap_err();
+        assert_eq!(e.code, "unknown_parameter");
+        assert!(refuse_unknown_params(&p, &[]).is_err());
+    }
 
     #[test]
     fn clip_cuts_on_char_boundaries() {

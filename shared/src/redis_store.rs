@@ -27,3 +27,12 @@ pub async fn ping(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
         .await
         .map(|_| ())
 }
+
+/// Deletes `keys`, 500 to a command (a replay may delete hundreds of thousands; one `DEL`
+/// with all of them would block Redis for as long).
+pub async fn delete_keys(conn: &mut ConnectionManager, keys: &[String]) -> redis::RedisResult<()> {
+    for chunk in keys.chunks(500) {
+        redis::cmd("DEL").arg(chunk).query_async::<()>(conn).await?;
+    }
+    Ok(())
+}

@@ -397,6 +397,66 @@ pub const START: &str = "/api/realtime/writing/sessions/start";
 /// The relay API's broadcast route.
 pub const BROADCAST: &str = "/api/realtime/websocket/broadcast";
 
+/// A server binary of this workspace run as its own process against the test environment's
+/// NATS and Redis (development mode, the environment's JWT secret, a free port), so that a
+/// test can kill it with SIGKILL: no task finishes, no socket closes cleanly, nothing is
+/// flushed. Killed when dropped.
+pub struct ServerProcess {
+    pub base: String,
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    /// Starts `exe` with `extra` environment variables and waits until `/readyz` answers.
+    pub async fn start(env: &TestEnv, exe: &str, extra: &[(&str, &str)]) -> ServerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(exe)
+            .env_clear()
+            .env("NATS_URL", &env.nats_url)
+            .env("REDIS_URL", &env.redis_url)
+            .env("INKWIRE_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("INKWIRE_ENV", "development")
+            .env("INKWIRE_JWT_SECRET", &env.state.config.jwt_secret)
+            .envs(extra.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {exe}: {e}"));
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = env.http.get(format!("{base}/readyz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{exe} did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ServerProcess { base, child }
+    }
+
+    /// SIGKILL, and waits until the process is gone.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts a writing session for `token`'s user in p-1/d-1 and returns its id.
 pub async fn start_session(env: &TestEnv, token: &str) -> String {
     let (status, started) = env

@@ -30,6 +30,7 @@ use crate::sources::{Kind, sources};
 use crate::stats;
 use crate::store;
 use crate::worker::{ActivityConfig, now_ms};
+use inkwire_shared::problem::refuse_unknown_params;
 
 /// Default and largest page.
 pub const DEFAULT_PAGE: usize = 50;
@@ -60,20 +61,6 @@ fn redis_err(e: redis::RedisError) -> Problem {
 
 fn invalid(name: &str, detail: impl std::fmt::Display) -> Problem {
     Problem::bad_request("invalid_parameter", format!("{name}: {detail}"))
-}
-
-fn refuse_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), Problem> {
-    match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(Problem::bad_request(
-            "unknown_parameter",
-            format!(
-                "unknown query parameter {:?}; known: {}",
-                clip(unknown, 64),
-                known.join(", ")
-            ),
-        )),
-        None => Ok(()),
-    }
 }
 
 /// Whose activity: the caller's, or `userId`'s for an admin or service token. `None` when the
@@ -134,7 +121,7 @@ async fn list(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, Problem> {
-    refuse_unknown(
+    refuse_unknown_params(
         &params,
         &["from", "to", "type", "cursor", "limit", "userId"],
     )?;
@@ -224,7 +211,7 @@ async fn stats_route(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, Problem> {
-    refuse_unknown(&params, &["tz", "userId"])?;
+    refuse_unknown_params(&params, &["tz", "userId"])?;
     let user = subject(&caller, &params)?;
     let asked = match params.get("tz") {
         None => None,

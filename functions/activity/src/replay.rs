@@ -39,12 +39,7 @@ pub async fn replay(
         keys_deleted: keys.len() as u64,
         ..Default::default()
     };
-    for chunk in keys.chunks(500) {
-        redis::cmd("DEL")
-            .arg(chunk)
-            .query_async::<()>(&mut conn)
-            .await?;
-    }
+    inkwire_shared::redis_store::delete_keys(&mut conn, &keys).await?;
     for source in sources() {
         let mut next = 1u64;
         loop {

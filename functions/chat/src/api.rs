@@ -36,6 +36,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::store::{self, Outcome, is_valid_id};
+use inkwire_shared::problem::checked_id;
+use inkwire_shared::problem::refuse_unknown_params;
 
 /// Default and largest history page.
 pub const DEFAULT_PAGE: u64 = 50;
@@ -92,20 +94,6 @@ fn now() -> (OffsetDateTime, String) {
     let t = OffsetDateTime::now_utc();
     let text = t.format(&Rfc3339).expect("RFC 3339 formats");
     (t, text)
-}
-
-fn id<'a>(what: &str, raw: &'a str) -> Result<&'a str, Problem> {
-    if is_valid_id(raw) {
-        Ok(raw)
-    } else {
-        Err(Problem::bad_request(
-            "invalid_id",
-            format!(
-                "{what} id {:?} must be 1-64 characters of letters, digits, '_' or '-'",
-                clip(raw, 64)
-            ),
-        ))
-    }
 }
 
 fn seq_of(raw: &str) -> Result<u64, Problem> {
@@ -304,7 +292,7 @@ async fn get_room(
     caller: Caller,
     Path(room): Path<String>,
 ) -> Result<Json<Value>, Problem> {
-    let room = id("room", &room)?;
+    let room = checked_id("room", &room)?;
     participant(&api, room, &caller).await?;
     let mut redis = api.app.redis.clone();
     let mut view = store::room(&mut redis, room).await.map_err(redis_err)?;
@@ -324,7 +312,7 @@ async fn add_participant(
     Path(room): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, Problem> {
-    let room = id("room", &room)?;
+    let room = checked_id("room", &room)?;
     validate("api/chat-participant-request.json", &body)?;
     let user = body["userId"].as_str().unwrap_or_default();
     let mut redis = api.app.redis.clone();
@@ -355,8 +343,8 @@ async fn remove_participant(
     caller: Caller,
     Path((room, user)): Path<(String, String)>,
 ) -> Result<Json<Value>, Problem> {
-    let room = id("room", &room)?;
-    let user = id("user", &user)?;
+    let room = checked_id("room", &room)?;
+    let user = checked_id("user", &user)?;
     let mut redis = api.app.redis.clone();
     let removed = store::remove(
         &mut redis,
@@ -406,7 +394,7 @@ async fn send_message(
     Path(room): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Problem> {
-    let room = id("room", &room)?;
+    let room = checked_id("room", &room)?;
     validate("api/chat-message-request.json", &body)?;
     let client_id = body["clientMessageId"].as_str().unwrap_or_default();
     let text = body["text"].as_str().unwrap_or_default();
@@ -457,20 +445,6 @@ async fn send_message(
     Ok(response)
 }
 
-fn refuse_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), Problem> {
-    match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(Problem::bad_request(
-            "unknown_parameter",
-            format!(
-                "unknown query parameter {:?}; known: {}",
-                clip(unknown, 64),
-                known.join(", ")
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
 fn number(params: &HashMap<String, String>, name: &str, max: u64) -> Result<Option<u64>, Problem> {
     match params.get(name) {
         None => Ok(None),
@@ -492,8 +466,8 @@ async fn history(
     Path(room): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, Problem> {
-    let room = id("room", &room)?;
-    refuse_unknown(&params, &["before", "after", "limit"])?;
+    let room = checked_id("room", &room)?;
+    refuse_unknown_params(&params, &["before", "after", "limit"])?;
     let before = number(&params, "before", u64::MAX / 2)?;
     let after = number(&params, "after", u64::MAX / 2)?;
     let limit = number(&params, "limit", MAX_PAGE)?.unwrap_or(DEFAULT_PAGE);
@@ -537,7 +511,7 @@ async fn history(
 }
 
 fn path_room_seq(room: &str, seq: &str) -> Result<u64, Problem> {
-    id("room", room)?;
+    checked_id("room", room)?;
     seq_of(seq)
 }
 
@@ -609,7 +583,7 @@ async fn mark_read(
     Path(room): Path<String>,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, Problem> {
-    let room = id("room", &room)?;
+    let room = checked_id("room", &room)?;
     validate("api/chat-read-request.json", &body)?;
     let up_to = body["upTo"].as_u64().unwrap_or(0);
     let mut redis = api.app.redis.clone();
@@ -639,7 +613,7 @@ async fn typing(
     caller: Caller,
     Path(room): Path<String>,
 ) -> Result<Response, Problem> {
-    let room = id("room", &room)?;
+    let room = checked_id("room", &room)?;
     participant(&api, room, &caller).await?;
     let mut redis = api.app.redis.clone();
     if !store::claim_typing(&mut redis, room, &caller.user_id, TYPING_INTERVAL_MS)
@@ -669,9 +643,13 @@ mod tests {
 
     #[test]
     fn ids_and_sequences_are_checked_before_use() {
-        assert!(id("room", "r-1").is_ok());
+        assert!(checked_id("room", "r-1").is_ok());
         for bad in ["", "a.b", "a*", "a>b", "a b", &"x".repeat(65)] {
-            assert_eq!(id("room", bad).unwrap_err().code, "invalid_id", "{bad:?}");
+            assert_eq!(
+                checked_id("room", bad).unwrap_err().code,
+                "invalid_id",
+                "{bad:?}"
+            );
         }
         assert_eq!(seq_of("42").unwrap(), 42);
         for bad in ["0", "-1", "+1", "x", "1.5", "99999999999999999999999"] {
@@ -686,10 +664,10 @@ mod tests {
         assert!(number(&p, "limit", MAX_PAGE).is_err());
         p.insert("limit".to_string(), "100".to_string());
         assert_eq!(number(&p, "limit", MAX_PAGE).unwrap(), Some(100));
-        assert!(refuse_unknown(&p, &["limit"]).is_ok());
+        assert!(refuse_unknown_params(&p, &["limit"]).is_ok());
         p.insert("page".to_string(), "1".to_string());
         assert_eq!(
-            refuse_unknown(&p, &["limit"]).unwrap_err().code,
+            refuse_unknown_params(&p, &["limit"]).unwrap_err().code,
             "unknown_parameter"
         );
     }

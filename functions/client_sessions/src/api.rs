@@ -33,6 +33,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::config::ClientSessionConfig;
 use crate::store::{self, Deleted, Precondition, Stored, Write, Written, is_valid_id};
+use inkwire_shared::problem::{checked_id, refuse_unknown_params};
 
 /// `data.event` of the frame pushed to `user:{id}` when a session's preferences change.
 pub const PREFERENCES_EVENT: &str = "client_session_preferences";
@@ -64,20 +65,6 @@ pub fn routes(api: ClientSessionsApi) -> Router {
 
 fn redis_err(e: redis::RedisError) -> Problem {
     dependency_failed("redis", e)
-}
-
-fn session_id(raw: &str) -> Result<&str, Problem> {
-    if is_valid_id(raw) {
-        Ok(raw)
-    } else {
-        Err(Problem::bad_request(
-            "invalid_id",
-            format!(
-                "client session id {:?} must be 1-64 characters of letters, digits, '_' or '-'",
-                clip(raw, 64)
-            ),
-        ))
-    }
 }
 
 /// The caller's user id becomes part of Redis keys. `Caller` refuses tokens whose `sub`
@@ -278,7 +265,7 @@ async fn put_session(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, Problem> {
-    let id = session_id(&id)?;
+    let id = checked_id("client session", &id)?;
     let user = owner(&caller)?;
     let if_match = if_match(&headers)?;
     let create_only = create_only(&headers)?;
@@ -369,7 +356,7 @@ async fn get_session(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
-    let id = session_id(&id)?;
+    let id = checked_id("client session", &id)?;
     let user = owner(&caller)?;
     let mut redis = api.app.redis.clone();
     let session = store::get(&mut redis, user, id, ttl_ms(&api))
@@ -389,7 +376,7 @@ async fn delete_session(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let id = session_id(&id)?;
+    let id = checked_id("client session", &id)?;
     let user = owner(&caller)?;
     let precondition = if_match(&headers)?;
     let mut redis = api.app.redis.clone();
@@ -408,15 +395,7 @@ async fn list_sessions(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, Problem> {
-    if let Some(unknown) = params.keys().next() {
-        return Err(Problem::bad_request(
-            "unknown_parameter",
-            format!(
-                "unknown query parameter {:?}; this route takes none",
-                clip(unknown, 64)
-            ),
-        ));
-    }
+    refuse_unknown_params(&params, &[])?;
     let user = owner(&caller)?;
     let mut redis = api.app.redis.clone();
     let sessions = store::list(&mut redis, user).await.map_err(redis_err)?;
@@ -484,9 +463,13 @@ mod tests {
 
     #[test]
     fn ids_are_checked() {
-        assert!(session_id("tab-1_A").is_ok());
+        assert!(checked_id("client session", "tab-1_A").is_ok());
         for bad in ["", "a.b", "a:b", "a b", "*", &"x".repeat(65)] {
-            assert_eq!(session_id(bad).unwrap_err().code, "invalid_id", "{bad:?}");
+            assert_eq!(
+                checked_id("client session", bad).unwrap_err().code,
+                "invalid_id",
+                "{bad:?}"
+            );
         }
     }
 

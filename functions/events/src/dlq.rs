@@ -139,7 +139,7 @@ pub async fn list(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
     check_operator(&caller)?;
-    crate::query::refuse_unknown(&params, &KNOWN_PARAMS)?;
+    inkwire_shared::problem::refuse_unknown_params(&params, &KNOWN_PARAMS)?;
     let limit = crate::query::page_limit(&params, DEFAULT_LIMIT, MAX_LIMIT)?;
     let cursor = match params.get("cursor") {
         None => 1,

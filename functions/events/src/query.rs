@@ -50,20 +50,6 @@ pub struct RangeQuery {
 
 const KNOWN_PARAMS: [&str; 5] = ["from", "to", "type", "limit", "cursor"];
 
-/// Refuses a query parameter that is not in `known` (`400 unknown_parameter`).
-pub fn refuse_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), Problem> {
-    match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(Problem::bad_request(
-            "unknown_parameter",
-            format!(
-                "unknown query parameter {unknown:?}; known: {}",
-                known.join(", ")
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// The `limit` parameter: `default` when absent, else a whole number in `1..=max`.
 pub fn page_limit(
     params: &HashMap<String, String>,
@@ -87,7 +73,7 @@ pub fn parse_range(
     category: Category,
     params: &HashMap<String, String>,
 ) -> Result<RangeQuery, Problem> {
-    refuse_unknown(params, &KNOWN_PARAMS)?;
+    inkwire_shared::problem::refuse_unknown_params(params, &KNOWN_PARAMS)?;
     let time = |name: &str| -> Result<Option<OffsetDateTime>, Problem> {
         params
             .get(name)

@@ -44,6 +44,7 @@ use crate::preferences::{Device, Preferences};
 use crate::providers::{Providers, SendError, SnsProvider};
 use crate::send::{self, Cancel};
 use crate::templates::{self, Template};
+use inkwire_shared::problem::refuse_unknown_params;
 
 /// Default page size of the inbox list.
 pub const DEFAULT_PAGE: usize = 20;
@@ -218,27 +219,12 @@ async fn send_notification(
     })
 }
 
-/// Refuses a query parameter that is not in `known` (`400 unknown_parameter`).
-fn refuse_unknown(params: &HashMap<String, String>, known: &[&str]) -> Result<(), Problem> {
-    match params.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(unknown) => Err(Problem::bad_request(
-            "unknown_parameter",
-            format!(
-                "unknown query parameter {:?}; known: {}",
-                inkwire_shared::problem::clip(unknown, 64),
-                known.join(", ")
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
 async fn list(
     State(api): State<NotificationsApi>,
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Problem> {
-    refuse_unknown(&params, &["unread", "limit", "cursor"])?;
+    refuse_unknown_params(&params, &["unread", "limit", "cursor"])?;
     let unread_only = match params.get("unread").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,

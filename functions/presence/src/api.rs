@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use crate::config::PresenceConfig;
 use crate::store::{self, Op, Status, rfc3339};
 use crate::worker::now_ms;
+use inkwire_shared::problem::checked_id;
 
 #[derive(Clone)]
 pub struct PresenceApi {
@@ -51,20 +52,6 @@ fn redis_err(e: redis::RedisError) -> Problem {
     dependency_failed("redis", e)
 }
 
-fn id<'a>(what: &str, raw: &'a str) -> Result<&'a str, Problem> {
-    if is_valid_id(raw) {
-        Ok(raw)
-    } else {
-        Err(Problem::bad_request(
-            "invalid_id",
-            format!(
-                "{what} id {:?} must be 1-64 characters of letters, digits, '_' or '-'",
-                clip(raw, 64)
-            ),
-        ))
-    }
-}
-
 fn device_json(connection: &str, data: &Value) -> Value {
     json!({
         "connectionId": connection,
@@ -79,7 +66,7 @@ async fn user_presence(
     caller: Caller,
     Path(user): Path<String>,
 ) -> Result<Json<Value>, Problem> {
-    let user = id("user", &user)?;
+    let user = checked_id("user", &user)?;
     let mut redis = api.app.redis.clone();
     if user != caller.user_id
         && !caller.is_privileged()
@@ -113,7 +100,7 @@ async fn room_presence(
     caller: Caller,
     Path(room): Path<String>,
 ) -> Result<Json<Value>, Problem> {
-    let room = id("room", &room)?;
+    let room = checked_id("room", &room)?;
     let mut redis = api.app.redis.clone();
     let mut participants = membership::room_participants(&mut redis, room)
         .await
@@ -157,7 +144,7 @@ async fn set_status(
         .validate("api/presence-status-request.json", &body)
         .map_err(Problem::validation)?;
     let status = body["status"].as_str().expect("schema checked status");
-    let user = id("user", &caller.user_id)?;
+    let user = checked_id("user", &caller.user_id)?;
     let mut redis = api.app.redis.clone();
     let state = store::apply(
         &mut redis,
