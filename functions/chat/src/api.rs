@@ -413,20 +413,14 @@ async fn send_message(
     let (fresh, message) = refused(outcome, room, 0)?;
     let seq = message["seq"].as_u64().unwrap_or(0);
     // The log and the push are deduplicated: a retry completes what a failure left undone.
-    log(
-        &api,
-        room,
-        format!("chat-{room}-{seq}-m"),
-        &json!({"kind": "message", "message": message}),
-    )
-    .await?;
-    push(
-        &api,
-        room,
-        format!("chat-{room}-{seq}-new"),
-        &json!({"event": "message_new", "roomId": room, "message": message}),
-    )
-    .await?;
+    // They go to different streams and neither waits for the other (the message is stored
+    // in Redis already; readers order by `seq`), so both are in flight at once.
+    let log_entry = json!({"kind": "message", "message": message});
+    let frame = json!({"event": "message_new", "roomId": room, "message": message});
+    tokio::try_join!(
+        log(&api, room, format!("chat-{room}-{seq}-m"), &log_entry),
+        push(&api, room, format!("chat-{room}-{seq}-new"), &frame),
+    )?;
     let mut response = (
         if fresh {
             StatusCode::CREATED

@@ -161,27 +161,35 @@ async fn set_status(
             "the status can be set while connected to the relay (no live connection)",
         )
     })?;
-    if state.status == Status::Online {
-        inkwire_shared::due_queue::DueQueue::new(store::IDLE_QUEUE)
-            .schedule(
-                &mut redis,
-                user,
-                state.last_active + api.config.away_after_ms(),
-            )
-            .await
-            .map_err(redis_err)?;
-    }
+    // The idle check is queued while the update is pushed (neither needs the other).
+    let mut queue_conn = redis.clone();
+    let idle_check = async {
+        if state.status == Status::Online {
+            inkwire_shared::due_queue::DueQueue::new(store::IDLE_QUEUE)
+                .schedule(
+                    &mut queue_conn,
+                    user,
+                    state.last_active + api.config.away_after_ms(),
+                )
+                .await
+                .map_err(redis_err)?;
+        }
+        Ok::<(), Problem>(())
+    };
     // Pushed even when unchanged: a retry after a failed push pushes it then, and the
     // message ids (user, version, channel) keep it from going twice.
-    store::push(&api.app.js, &mut redis, user, &state)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "presence status saved, push failed");
-            Problem::unavailable(
-                "the status is saved but could not be pushed; send it again to push it",
-            )
-            .with_retry_after(1)
-        })?;
+    let pushed = async {
+        store::push(&api.app.js, &mut redis, user, &state)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "presence status saved, push failed");
+                Problem::unavailable(
+                    "the status is saved but could not be pushed; send it again to push it",
+                )
+                .with_retry_after(1)
+            })
+    };
+    tokio::try_join!(idle_check, pushed)?;
     Ok(Json(json!({
         "userId": user,
         "status": state.status.as_str(),
