@@ -136,10 +136,12 @@ pub enum MessageType {
     RoomUpdate,
     Notification,
     Error,
+    /// A closed analytics bucket's changed series (`functions/analytics`).
+    MetricsUpdate,
 }
 
 impl MessageType {
-    pub const ALL: [MessageType; 7] = [
+    pub const ALL: [MessageType; 8] = [
         MessageType::System,
         MessageType::UserMessage,
         MessageType::DocumentUpdate,
@@ -147,6 +149,7 @@ impl MessageType {
         MessageType::RoomUpdate,
         MessageType::Notification,
         MessageType::Error,
+        MessageType::MetricsUpdate,
     ];
 }
 

@@ -110,3 +110,200 @@ pub async fn high_water_mark(
         .await?;
     Ok(v.unwrap_or(0))
 }
+
+/// Counter increments of a batch of messages of one key (a stream), for
+/// [`apply_counts_once`]: each message adds to fields of Redis hashes; a message with no
+/// increments is still marked applied.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    keys: Vec<String>,
+    expire_at_ms: Vec<u64>,
+    key_index: std::collections::HashMap<String, usize>,
+    messages: Vec<(u64, Vec<(usize, String, i64)>)>,
+}
+
+impl Counts {
+    pub fn new() -> Counts {
+        Counts::default()
+    }
+
+    /// Starts the message at stream sequence `seq`; the following [`incr`](Self::incr)s are
+    /// its increments.
+    pub fn message(&mut self, seq: u64) {
+        self.messages.push((seq, Vec::new()));
+    }
+
+    /// Adds `delta` to `field` of hash `key` for the current message. The key expires at
+    /// `expire_at_ms` (Unix ms; the latest one given for a key wins; 0: no expiry set).
+    pub fn incr(&mut self, key: &str, expire_at_ms: u64, field: impl Into<String>, delta: i64) {
+        let index = match self.key_index.get(key) {
+            Some(i) => *i,
+            None => {
+                self.keys.push(key.to_string());
+                self.expire_at_ms.push(0);
+                self.key_index.insert(key.to_string(), self.keys.len() - 1);
+                self.keys.len() - 1
+            }
+        };
+        self.expire_at_ms[index] = self.expire_at_ms[index].max(expire_at_ms);
+        if let Some((_, incs)) = self.messages.last_mut() {
+            incs.push((index, field.into(), delta));
+        }
+    }
+
+    /// Messages in the batch.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// The script's argument: every sequence, the ones expected to be duplicates, and the
+    /// increments of the others summed per (key, field).
+    fn argument(&self, duplicates: &std::collections::HashSet<String>) -> String {
+        let mut sums: std::collections::HashMap<(usize, &str), i64> =
+            std::collections::HashMap::new();
+        let mut seqs = Vec::with_capacity(self.messages.len());
+        for (seq, incs) in &self.messages {
+            let s = seq.to_string();
+            if !duplicates.contains(&s) {
+                for (k, f, d) in incs {
+                    *sums.entry((*k, f.as_str())).or_default() += d;
+                }
+            }
+            seqs.push(s);
+        }
+        let mut incs = Vec::with_capacity(sums.len() * 3);
+        for ((k, f), d) in sums {
+            if d != 0 {
+                incs.push(serde_json::json!(k + 1));
+                incs.push(serde_json::json!(f));
+                incs.push(serde_json::json!(d));
+            }
+        }
+        let mut expected: Vec<&String> = duplicates.iter().collect();
+        expected.sort();
+        serde_json::json!({"s": seqs, "d": expected, "i": incs, "x": self.expire_at_ms}).to_string()
+    }
+}
+
+/// What [`apply_counts_once`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CountsApplied {
+    /// Messages whose increments were added.
+    pub applied: usize,
+    /// Messages skipped because they had been applied before (redeliveries).
+    pub duplicates: usize,
+}
+
+// KEYS: 1 applied set, 2 high-water marks, 3.. the counter hashes (in `Counts` order).
+// ARGV: 1 the key's field in the marks, 2 the floor, 3 the batch (`Counts::argument`).
+// Duplicates are found with one range read of the applied set; when they are not the ones
+// the caller summed without, nothing is written and the real ones are returned.
+const APPLY_COUNTS_ONCE: &str = r#"
+local applied, hwm = KEYS[1], KEYS[2]
+local a = cjson.decode(ARGV[3])
+local lo, hi = nil, nil
+for _, s in ipairs(a.s) do
+  local n = tonumber(s)
+  if lo == nil or n < lo then lo = n end
+  if hi == nil or n > hi then hi = n end
+end
+if lo == nil then return {'ok', '0', '0'} end
+local seen = {}
+for _, s in ipairs(redis.call('ZRANGEBYSCORE', applied, string.format('%d', lo), string.format('%d', hi))) do
+  seen[s] = true
+end
+local dups, expected, nexp = {}, {}, 0
+for _, s in ipairs(a.d) do expected[s] = true; nexp = nexp + 1 end
+local fresh = {}
+for _, s in ipairs(a.s) do
+  if seen[s] then dups[#dups + 1] = s else fresh[#fresh + 1] = s end
+end
+local same = (#dups == nexp)
+if same then for _, s in ipairs(dups) do if not expected[s] then same = false end end end
+if not same then
+  table.insert(dups, 1, 'dups')
+  return dups
+end
+local i = a.i
+for j = 1, #i, 3 do
+  redis.call('HINCRBY', KEYS[2 + i[j]], i[j + 1], string.format('%d', i[j + 2]))
+end
+for k, x in ipairs(a.x) do
+  if x > 0 then redis.call('PEXPIREAT', KEYS[2 + k], string.format('%d', x)) end
+end
+local j = 1
+while j <= #fresh do
+  local args = {}
+  for m = j, math.min(j + 199, #fresh) do
+    args[#args + 1] = fresh[m]
+    args[#args + 1] = fresh[m]
+  end
+  redis.call('ZADD', applied, unpack(args))
+  j = j + 200
+end
+if tonumber(ARGV[2]) > 0 then redis.call('ZREMRANGEBYSCORE', applied, '-inf', ARGV[2]) end
+redis.call('PEXPIRE', applied, 604800000)
+local current = tonumber(redis.call('HGET', hwm, ARGV[1]) or '0')
+if hi > current then redis.call('HSET', hwm, ARGV[1], string.format('%d', hi)) end
+return {'ok', tostring(#fresh), tostring(#dups)}
+"#;
+static APPLY_COUNTS_ONCE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(APPLY_COUNTS_ONCE));
+
+/// The batched form of [`apply_once`] for counters: one script call applies the increments
+/// of every message of `counts` that was not applied before, summed per (key, field), and
+/// marks those messages applied — atomically, so a crash between the call and the acks, or
+/// a redelivery that comes after later messages, counts nothing twice.
+///
+/// The applied set (`inkwire:applied:{consumer}:{key}`) is scored by stream sequence, not
+/// by time, and trimmed below `floor`: pass the consumer's ack floor (JetStream never
+/// redelivers a message at or below it, so those entries can go), or 0 to trim nothing.
+/// This keeps the set at about the consumer's unacknowledged messages however fast the
+/// stream runs, where a time window would hold every message of the last minutes. The
+/// high-water mark (`inkwire:hwm:{consumer}`, field `key`) is kept as for `apply_once`.
+///
+/// The caller sums optimistically (no duplicates expected); when the script finds
+/// duplicates it writes nothing and names them, and the call is made again without them —
+/// two calls only for a batch that holds redeliveries.
+pub async fn apply_counts_once(
+    redis: &mut ConnectionManager,
+    consumer: &str,
+    key: &str,
+    floor: u64,
+    counts: &Counts,
+) -> redis::RedisResult<CountsApplied> {
+    let mut expected = std::collections::HashSet::new();
+    for _ in 0..5 {
+        let mut invocation = APPLY_COUNTS_ONCE_SCRIPT.prepare_invoke();
+        invocation
+            .key(format!("inkwire:applied:{consumer}:{key}"))
+            .key(format!("inkwire:hwm:{consumer}"));
+        for k in &counts.keys {
+            invocation.key(k);
+        }
+        let reply: Vec<String> = invocation
+            .arg(key)
+            .arg(floor)
+            .arg(counts.argument(&expected))
+            .invoke_async(redis)
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => {
+                let n = |i: usize| reply.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+                return Ok(CountsApplied {
+                    applied: n(1),
+                    duplicates: n(2),
+                });
+            }
+            _ => expected = reply.into_iter().skip(1).collect(),
+        }
+    }
+    Err(redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "apply_counts_once: the applied set kept changing under the batch",
+    )))
+}
