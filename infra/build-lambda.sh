@@ -7,7 +7,7 @@
 #   2. the static musl target (`rustup target add x86_64-unknown-linux-musl`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BINARIES=(events-api writing-api notifications-api collaboration-api chat-api client-sessions-api presence-api activity-api)
+BINARIES=(events-api writing-api notifications-api collaboration-api chat-api client-sessions-api presence-api activity-api analytics-api)
 
 if command -v cargo-lambda >/dev/null 2>&1; then
   for bin in "${BINARIES[@]}"; do

@@ -8,7 +8,7 @@
 //! [`MAX_ERROR_BODY`] (large values are not echoed), and the server stays ready.
 //!
 //! [`ROUTES`] lists the routes of every router (events, membership, relay API, writing,
-//! notifications, chat, presence, activity, health, relay paths); a route added to a router
+//! notifications, chat, presence, activity, analytics, health, relay paths); a route added to a router
 //! belongs here too.
 
 use std::time::Duration;
@@ -521,6 +521,32 @@ const ROUTES: &[Route] = &[
         None,
         As::Service,
     ),
+    // Analytics (the overall series as a member, which is refused, and with a service token;
+    // a member's project figures; a book's sales with a service token).
+    route(
+        Method::GET,
+        "/api/realtime/analytics/metrics",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/analytics/metrics",
+        None,
+        As::Service,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/analytics/projects/{project}",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/analytics/books/{book}/sales",
+        None,
+        As::Service,
+    ),
     // Health.
     route(Method::GET, "/healthz", None, As::Nobody),
     route(Method::GET, "/readyz", None, As::Nobody),
@@ -639,7 +665,19 @@ fn odd_queries() -> Vec<String> {
         "2026-11-21T10:00:00%2B99:99",
     ];
     for key in [
-        "from", "to", "type", "limit", "cursor", "token", "tz", "userId", "x",
+        "from",
+        "to",
+        "type",
+        "limit",
+        "cursor",
+        "token",
+        "tz",
+        "userId",
+        "x",
+        "window",
+        "step",
+        "projectId",
+        "days",
     ] {
         for v in values {
             out.push(format!("{key}={v}"));
@@ -699,6 +737,7 @@ impl Fuzzer {
             ("{template}", "fuzz"),
             ("{device}", "fuzz-device"),
             ("{csession}", "tab-1"),
+            ("{book}", "b-1"),
         ] {
             let value = match replace {
                 Some((n, v)) if n == name => v,
@@ -1047,6 +1086,7 @@ async fn every_route_survives_odd_input() {
             "{template}",
             "{device}",
             "{csession}",
+            "{book}",
         ] {
             if !r.path.contains(name) {
                 continue;

@@ -119,8 +119,11 @@ pub struct Counts {
     keys: Vec<String>,
     expire_at_ms: Vec<u64>,
     key_index: std::collections::HashMap<String, usize>,
-    messages: Vec<(u64, Vec<(usize, String, i64)>)>,
+    messages: Vec<(u64, Vec<Increment>)>,
 }
+
+/// One increment of a message: (index of the key in `Counts`, field, delta).
+type Increment = (usize, String, i64);
 
 impl Counts {
     pub fn new() -> Counts {

@@ -51,10 +51,12 @@ pub struct Instance {
 
 /// The settings tests start from: the defaults, without the user-presence worker (its
 /// `presence_update` frames on project and room channels would be noise in the tests of
-/// other features; `tests/user_presence.rs` turns it on).
+/// other features; `tests/user_presence.rs` turns it on) and without the analytics worker
+/// (its `metrics_update` frames likewise; `tests/analytics.rs` turns it on).
 fn test_settings() -> inkwire::Settings {
     inkwire::Settings {
         without_presence_worker: true,
+        without_analytics_worker: true,
         ..inkwire::Settings::default()
     }
 }

@@ -134,13 +134,13 @@ pub struct Plan {
 /// Checks `window` and `step` and picks the coarsest resolution that divides the step.
 pub fn plan(config: &AnalyticsConfig, window: u64, step: u64, now: u64) -> Result<Plan, Problem> {
     let b = config.bucket_ms();
-    if step % b != 0 {
+    if !step.is_multiple_of(b) {
         return Err(invalid(
             "step",
             format!("must be a multiple of the bucket ({})", label(b)),
         ));
     }
-    if window % step != 0 {
+    if !window.is_multiple_of(step) {
         return Err(invalid("window", "must be a multiple of step"));
     }
     if window / step > MAX_POINTS {
@@ -153,7 +153,7 @@ pub fn plan(config: &AnalyticsConfig, window: u64, step: u64, now: u64) -> Resul
         .resolutions()
         .iter()
         .map(|(r, _)| *r)
-        .filter(|r| step % r == 0)
+        .filter(|r| step.is_multiple_of(*r))
         .max()
         .unwrap_or(b);
     if window / resolution > MAX_BUCKETS {

@@ -101,7 +101,7 @@ impl AnalyticsConfig {
     /// The bucket must divide a minute (so rollups are sums of whole buckets).
     pub fn check(&self) -> Result<(), String> {
         let ms = self.bucket_ms();
-        if !(100..=MINUTE_MS).contains(&ms) || MINUTE_MS % ms != 0 {
+        if !(100..=MINUTE_MS).contains(&ms) || !MINUTE_MS.is_multiple_of(ms) {
             return Err(format!(
                 "{ms} ms: the bucket must be 100 ms to 1 min and divide a minute (e.g. 1s, 5s, 10s)"
             ));
@@ -131,13 +131,13 @@ impl AnalyticsConfig {
 
 /// `5s`, `1m`, `1h`, `1d`, `500ms`: a length as the API and frames spell it.
 pub fn label(ms: u64) -> String {
-    if ms % DAY_MS == 0 {
+    if ms.is_multiple_of(DAY_MS) {
         format!("{}d", ms / DAY_MS)
-    } else if ms % HOUR_MS == 0 {
+    } else if ms.is_multiple_of(HOUR_MS) {
         format!("{}h", ms / HOUR_MS)
-    } else if ms % MINUTE_MS == 0 {
+    } else if ms.is_multiple_of(MINUTE_MS) {
         format!("{}m", ms / MINUTE_MS)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

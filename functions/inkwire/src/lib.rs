@@ -2,8 +2,8 @@
 //! paths, metrics, server API) and the router, the writing-session API with its tracker and
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
 //! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, the
-//! client session store, user presence (its API and worker) and the activity log (API,
-//! consumers and sweep), on one address. Used by `inkwire dev`, `inkwire serve`, the
+//! client session store, user presence (its API and worker), the activity log (API,
+//! consumers and sweep) and analytics (API, counters and the bucket push), on one address. Used by `inkwire dev`, `inkwire serve`, the
 //! benchmarks and the end-to-end tests.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use futures::FutureExt;
 use inkwire_activity::ActivityConfig;
+use inkwire_analytics::AnalyticsConfig;
 use inkwire_client_sessions::ClientSessionConfig;
 use inkwire_collaboration::{Coedit, CoeditConfig};
 use inkwire_notifications::api::NotificationsApi;
@@ -57,6 +58,11 @@ pub struct Settings {
     pub without_presence_worker: bool,
     /// Activity log retention and sweep.
     pub activity: ActivityConfig,
+    /// Analytics buckets, retention, batches and push timing.
+    pub analytics: AnalyticsConfig,
+    /// Run no analytics worker in this process (its consumers and the bucket push wait for
+    /// an `analytics-worker` elsewhere). How the tests run consumers they stop and restart.
+    pub without_analytics_worker: bool,
 }
 
 impl Settings {
@@ -75,6 +81,8 @@ impl Settings {
             presence: PresenceConfig::from_env()?,
             without_presence_worker: false,
             activity: ActivityConfig::from_env()?,
+            analytics: AnalyticsConfig::from_env()?,
+            without_analytics_worker: false,
         })
     }
 }
@@ -172,6 +180,17 @@ pub async fn start(
         settings.activity.clone(),
         shutdown.clone(),
     ));
+    let analytics_task = tokio::spawn(if settings.without_analytics_worker {
+        futures::future::ready(Ok(())).boxed()
+    } else {
+        inkwire_analytics::run_worker(
+            state.js.clone(),
+            state.redis.clone(),
+            settings.analytics.clone(),
+            shutdown.clone(),
+        )
+        .boxed()
+    });
     let rules_task = tokio::spawn(rules::run_rules(
         RulesWorker {
             js: state.js.clone(),
@@ -203,6 +222,10 @@ pub async fn start(
         app: state.clone(),
         config: Arc::new(settings.activity),
     };
+    let analytics = inkwire_analytics::AnalyticsApi {
+        app: state.clone(),
+        config: Arc::new(settings.analytics),
+    };
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
@@ -215,7 +238,8 @@ pub async fn start(
         }))
         .merge(inkwire_client_sessions::routes(client_sessions))
         .merge(inkwire_presence::routes(presence))
-        .merge(inkwire_activity::routes(activity));
+        .merge(inkwire_activity::routes(activity))
+        .merge(inkwire_analytics::routes(analytics));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
@@ -229,6 +253,7 @@ pub async fn start(
             rules_task,
             presence_task,
             activity_task,
+            analytics_task,
         ],
         coedit,
     })

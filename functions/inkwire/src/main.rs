@@ -85,7 +85,8 @@ enum Command {
     Replay {
         /// What to rebuild: `writing` (the session projections), `coedit` (each co-edited
         /// document from its snapshot and updates, printed as one JSON line per document), or
-        /// `activity` (every user's activity log from its source streams).
+        /// `activity` (every user's activity log from its source streams), or `analytics`
+        /// (every counter, rollup and book's sales from the category streams).
         target: String,
         /// With `coedit`: only these documents (default: every document in the stream).
         documents: Vec<String>,
@@ -200,9 +201,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay { target, documents } => {
             telemetry::init();
             anyhow::ensure!(
-                ["writing", "coedit", "activity"].contains(&target.as_str()),
-                "unknown replay target {target:?} (known: writing, coedit, activity)"
+                ["writing", "coedit", "activity", "analytics"].contains(&target.as_str()),
+                "unknown replay target {target:?} (known: writing, coedit, activity, analytics)"
             );
+            if target == "analytics" {
+                anyhow::ensure!(
+                    documents.is_empty(),
+                    "replay analytics rebuilds every counter; it takes no ids"
+                );
+                let config = Config::from_env()?;
+                let analytics = inkwire_analytics::AnalyticsConfig::from_env()?;
+                let state = AppState::connect(config, "inkwire-replay").await?;
+                let stats =
+                    inkwire_analytics::replay::replay(&state.js, &state.redis, &analytics).await?;
+                println!(
+                    "replayed {} messages ({} counted, {} skipped) after deleting {} analytics keys",
+                    stats.messages, stats.counted, stats.skipped, stats.keys_deleted
+                );
+                return Ok(());
+            }
             if target == "activity" {
                 anyhow::ensure!(
                     documents.is_empty(),

@@ -108,6 +108,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     served.stop().await;
     let settings = inkwire::Settings {
         without_presence_worker: true,
+        without_analytics_worker: true,
         ..Default::default()
     };
     let served = super::Served::start(&state, settings).await?;

@@ -481,6 +481,7 @@ async fn scenario_relay(args: &FanoutArgs, state: &AppState) -> anyhow::Result<F
         relay: relay_config,
         // The clients' own presence_update frames on the project channel are not fan-out.
         without_presence_worker: true,
+        without_analytics_worker: true,
         ..Default::default()
     };
     let served = super::Served::start(state, settings).await?;

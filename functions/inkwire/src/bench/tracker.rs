@@ -295,6 +295,7 @@ async fn latency_scenario(
         },
         // Measures live metrics only: no presence_update frames.
         without_presence_worker: true,
+        without_analytics_worker: true,
         ..Default::default()
     };
     let served = super::Served::start(state, settings).await?;
