@@ -67,8 +67,14 @@ pub fn spec(stream: &str, config: &AnalyticsConfig) -> ConsumerSpec {
     let mut spec = ConsumerSpec::new(stream, CONSUMER);
     spec.batch = config.batch;
     spec.max_ack_pending = Some((config.batch as i64 * 4).max(100));
+    // A count given up on is a count lost: retry a batch Redis refused for hours (1 s, 5 s,
+    // 30 s, then every 2 min) before the runner dead-letters it.
+    spec.max_deliver = MAX_DELIVER;
     spec
 }
+
+/// Deliveries of a message before it is dead-lettered (about three hours of retries).
+pub const MAX_DELIVER: i64 = 100;
 
 /// One stream's batches (see the module doc).
 struct StreamCounter {
