@@ -310,3 +310,53 @@ pub async fn apply_counts_once(
         "apply_counts_once: the applied set kept changing under the batch",
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_sums_increments_per_key_and_field_without_the_duplicates() {
+        let mut c = Counts::new();
+        c.message(7);
+        c.incr("k1", 100, "total", 1);
+        c.incr("k2", 50, "total", 1);
+        c.message(8);
+        c.incr("k1", 200, "total", 1);
+        c.incr("k1", 200, "words", 5);
+        c.message(9);
+        assert_eq!(c.len(), 3);
+        let sums = |dups: &[&str]| {
+            let dups = dups.iter().map(|s| s.to_string()).collect();
+            let v: serde_json::Value = serde_json::from_str(&c.argument(&dups)).unwrap();
+            let mut out = Vec::new();
+            for t in v["i"].as_array().unwrap().chunks(3) {
+                out.push((
+                    t[0].as_u64().unwrap(),
+                    t[1].as_str().unwrap().to_string(),
+                    t[2].as_i64().unwrap(),
+                ));
+            }
+            out.sort();
+            (v, out)
+        };
+        let (v, all) = sums(&[]);
+        assert_eq!(v["s"], serde_json::json!(["7", "8", "9"]));
+        // Key indexes are 1-based in the script; the latest expiry of a key wins.
+        assert_eq!(v["x"], serde_json::json!([200, 50]));
+        assert_eq!(
+            all,
+            vec![
+                (1, "total".into(), 2),
+                (1, "words".into(), 5),
+                (2, "total".into(), 1)
+            ]
+        );
+        let (v, without_8) = sums(&["8"]);
+        assert_eq!(v["d"], serde_json::json!(["8"]));
+        assert_eq!(
+            without_8,
+            vec![(1, "total".into(), 1), (2, "total".into(), 1)]
+        );
+    }
+}

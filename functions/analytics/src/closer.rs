@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
 use inkwire_shared::channels::{self, Channel, ChannelKind, MessageType};
 use redis::aio::ConnectionManager;
 use serde_json::{Map, Value, json};
@@ -78,24 +78,39 @@ static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(CLAIM));
 
 impl Closer {
-    async fn progress(&mut self, stream: &str) -> Option<Progress> {
-        if !self.consumers.contains_key(stream) {
-            let s = self.js.get_stream(stream).await.ok()?;
-            let c: PullConsumer = s.get_consumer(CONSUMER).await.ok()?;
-            self.consumers.insert(stream.to_string(), c);
-        }
-        let c = self.consumers.get_mut(stream)?;
-        match c.info().await {
-            Ok(info) => Some(Progress {
-                floor: info.ack_floor.stream_sequence,
-                idle: info.num_pending == 0 && info.num_ack_pending == 0,
-            }),
-            Err(_) => {
-                // Deleted or unreachable: look it up again next time.
-                self.consumers.remove(stream);
-                None
+    /// Every stream's consumer state, read at once (one request per stream, concurrently:
+    /// this runs every tick on every instance). `None` for a consumer not there yet.
+    async fn progress(&mut self) -> HashMap<String, Option<Progress>> {
+        for stream in streams() {
+            if self.consumers.contains_key(&stream) {
+                continue;
+            }
+            let Ok(s) = self.js.get_stream(&stream).await else {
+                continue;
+            };
+            if let Ok(c) = s.get_consumer::<pull::Config>(CONSUMER).await {
+                self.consumers.insert(stream, c);
             }
         }
+        let reads = self.consumers.iter_mut().map(|(stream, c)| async move {
+            let p = c.info().await.ok().map(|info| Progress {
+                floor: info.ack_floor.stream_sequence,
+                idle: info.num_pending == 0 && info.num_ack_pending == 0,
+            });
+            (stream.clone(), p)
+        });
+        let read: HashMap<String, Option<Progress>> =
+            futures::future::join_all(reads).await.into_iter().collect();
+        // A consumer that could not be read (deleted, unreachable) is looked up again.
+        self.consumers
+            .retain(|stream, _| read.get(stream).is_some_and(Option::is_some));
+        streams()
+            .into_iter()
+            .map(|stream| {
+                let p = read.get(&stream).copied().flatten();
+                (stream, p)
+            })
+            .collect()
     }
 
     /// When the message after `floor` was stored (ms), if it exists.
@@ -125,13 +140,11 @@ impl Closer {
 
     async fn tick(&mut self) -> anyhow::Result<()> {
         let now = now_ms();
-        let mut progress = HashMap::new();
-        for stream in streams() {
-            let p = self.progress(&stream).await;
+        let progress = self.progress().await;
+        for (stream, p) in &progress {
             if let Some(p) = p {
-                self.floors.raise(&stream, p.floor);
+                self.floors.raise(stream, p.floor);
             }
-            progress.insert(stream, p);
         }
         if !self.claim().await? {
             return Ok(());
