@@ -119,11 +119,18 @@ pub struct Counts {
     keys: Vec<String>,
     expire_at_ms: Vec<u64>,
     key_index: std::collections::HashMap<String, usize>,
+    // Fields are interned: a batch names a few dozen distinct fields many times over.
+    fields: Vec<String>,
+    field_index: std::collections::HashMap<String, usize>,
     messages: Vec<(u64, Vec<Increment>)>,
 }
 
-/// One increment of a message: (index of the key in `Counts`, field, delta).
-type Increment = (usize, String, i64);
+/// One increment of a message: (key index, field index, delta).
+type Increment = (usize, usize, i64);
+
+/// A counter hash of a [`Counts`] batch, from [`Counts::key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyId(usize);
 
 impl Counts {
     pub fn new() -> Counts {
@@ -136,9 +143,9 @@ impl Counts {
         self.messages.push((seq, Vec::new()));
     }
 
-    /// Adds `delta` to `field` of hash `key` for the current message. The key expires at
-    /// `expire_at_ms` (Unix ms; the latest one given for a key wins; 0: no expiry set).
-    pub fn incr(&mut self, key: &str, expire_at_ms: u64, field: impl Into<String>, delta: i64) {
+    /// The hash `key` of this batch, expiring at `expire_at_ms` (Unix ms; the latest one
+    /// given for a key wins; 0: no expiry set).
+    pub fn key(&mut self, key: &str, expire_at_ms: u64) -> KeyId {
         let index = match self.key_index.get(key) {
             Some(i) => *i,
             None => {
@@ -149,9 +156,30 @@ impl Counts {
             }
         };
         self.expire_at_ms[index] = self.expire_at_ms[index].max(expire_at_ms);
+        KeyId(index)
+    }
+
+    /// Adds `delta` to `field` of `key` for the current message.
+    pub fn incr_key(&mut self, key: KeyId, field: &str, delta: i64) {
+        let f = match self.field_index.get(field) {
+            Some(i) => *i,
+            None => {
+                self.fields.push(field.to_string());
+                self.field_index
+                    .insert(field.to_string(), self.fields.len() - 1);
+                self.fields.len() - 1
+            }
+        };
         if let Some((_, incs)) = self.messages.last_mut() {
-            incs.push((index, field.into(), delta));
+            incs.push((key.0, f, delta));
         }
+    }
+
+    /// Adds `delta` to `field` of hash `key` for the current message ([`key`](Self::key)
+    /// and [`incr_key`](Self::incr_key) in one).
+    pub fn incr(&mut self, key: &str, expire_at_ms: u64, field: &str, delta: i64) {
+        let k = self.key(key, expire_at_ms);
+        self.incr_key(k, field, delta);
     }
 
     /// Messages in the batch.
@@ -166,14 +194,14 @@ impl Counts {
     /// The script's argument: every sequence, the ones expected to be duplicates, and the
     /// increments of the others summed per (key, field).
     fn argument(&self, duplicates: &std::collections::HashSet<String>) -> String {
-        let mut sums: std::collections::HashMap<(usize, &str), i64> =
+        let mut sums: std::collections::HashMap<(usize, usize), i64> =
             std::collections::HashMap::new();
         let mut seqs = Vec::with_capacity(self.messages.len());
         for (seq, incs) in &self.messages {
             let s = seq.to_string();
             if !duplicates.contains(&s) {
                 for (k, f, d) in incs {
-                    *sums.entry((*k, f.as_str())).or_default() += d;
+                    *sums.entry((*k, *f)).or_default() += d;
                 }
             }
             seqs.push(s);
@@ -182,7 +210,7 @@ impl Counts {
         for ((k, f), d) in sums {
             if d != 0 {
                 incs.push(serde_json::json!(k + 1));
-                incs.push(serde_json::json!(f));
+                incs.push(serde_json::json!(self.fields[f]));
                 incs.push(serde_json::json!(d));
             }
         }

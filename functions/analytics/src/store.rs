@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use inkwire_shared::consumer::Delivery;
-use inkwire_shared::idempotency::{Counts, CountsApplied, apply_counts_once};
+use inkwire_shared::idempotency::{Counts, CountsApplied, KeyId, apply_counts_once};
 use redis::aio::{ConnectionLike, ConnectionManager};
 
 use crate::config::{AnalyticsConfig, DAY_MS};
@@ -84,6 +84,9 @@ pub async fn apply_batch(
     let day_keep = config.day_retention.as_millis() as u64;
     let mut counts = Counts::new();
     let mut outcome = BatchOutcome::default();
+    // The bucket key per resolution of the previous message: a batch is mostly one bucket.
+    let mut last: Vec<Option<(u64, KeyId)>> = vec![None; resolutions.len()];
+    let mut fields: Vec<(String, i64)> = Vec::with_capacity(6);
     for d in deliveries {
         // Every message is marked applied, counted or not, so the applied set's floor moves.
         counts.message(d.stream_sequence);
@@ -103,31 +106,40 @@ pub async fn apply_batch(
         outcome.counted += 1;
         let p = c.project.as_deref();
         let t = Some(c.event_type.as_str());
-        for &(res, keep) in &resolutions {
-            let start = at_ms - at_ms % res;
-            let key = bucket_key(res, start);
-            let expire = start + res + keep;
-            counts.incr(&key, expire, field(None, None), 1);
-            counts.incr(&key, expire, field(None, t), 1);
+        fields.clear();
+        fields.push((field(None, None), 1));
+        fields.push((field(None, t), 1));
+        if p.is_some() {
+            fields.push((field(p, None), 1));
+            fields.push((field(p, t), 1));
+        }
+        if c.words > 0 {
+            fields.push((words_field(None), c.words));
             if p.is_some() {
-                counts.incr(&key, expire, field(p, None), 1);
-                counts.incr(&key, expire, field(p, t), 1);
+                fields.push((words_field(p), c.words));
             }
-            if c.words > 0 {
-                counts.incr(&key, expire, words_field(None), c.words);
-                if p.is_some() {
-                    counts.incr(&key, expire, words_field(p), c.words);
+        }
+        for (i, &(res, keep)) in resolutions.iter().enumerate() {
+            let start = at_ms - at_ms % res;
+            let key = match last[i] {
+                Some((s, k)) if s == start => k,
+                _ => {
+                    let k = counts.key(&bucket_key(res, start), start + res + keep);
+                    last[i] = Some((start, k));
+                    k
                 }
+            };
+            for (f, n) in &fields {
+                counts.incr_key(key, f, *n);
             }
         }
         if let Some(sale) = &c.sale {
             let day = at_ms - at_ms % DAY_MS;
-            let key = book_key(&sale.book);
-            let expire = day + DAY_MS + day_keep;
-            counts.incr(&key, expire, format!("d:{day}:units"), sale.units);
-            counts.incr(&key, expire, format!("d:{day}:revenue"), sale.revenue_cents);
+            let key = counts.key(&book_key(&sale.book), day + DAY_MS + day_keep);
+            counts.incr_key(key, &format!("d:{day}:units"), sale.units);
+            counts.incr_key(key, &format!("d:{day}:revenue"), sale.revenue_cents);
             if let Some(p) = p {
-                counts.incr(&key, expire, format!("p:{p}"), 1);
+                counts.incr_key(key, &format!("p:{p}"), 1);
             }
         }
     }
