@@ -9,7 +9,9 @@
 //! ack) holds the bucket until its redelivery was skipped and acked.
 //!
 //! Every instance ticks every `INKWIRE_ANALYTICS_PUSH_INTERVAL` (100 ms); the one holding
-//! the lease `inkwire:analytics:closer` pushes the buckets after `inkwire:analytics:pushed`
+//! the lease `inkwire:analytics:closer` reads the consumers' state only while a bucket is
+//! due (once or twice per bucket when the consumers keep up; the others every 5 s, for the
+//! ack floors) and pushes the buckets after `inkwire:analytics:pushed`
 //! in order: one `metrics_update` frame to `category:analytics` with every changed series,
 //! one to `project:{id}` per changed project with that project's series, then
 //! [`hooks::on_bucket_closed`], then it records the bucket as pushed. The frames carry ids
@@ -64,7 +66,12 @@ struct Closer {
     consumers: HashMap<String, PullConsumer>,
     /// The stored time of the message above each stream's ack floor, by sequence.
     stored: HashMap<String, (u64, u64)>,
+    /// When the floors were last read (ms).
+    floors_read_at: u64,
 }
+
+/// How often the floors are refreshed when no bucket needs the consumers' state (ms).
+const FLOOR_REFRESH_MS: u64 = 5_000;
 
 const CLAIM: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -138,15 +145,25 @@ impl Closer {
         Ok(claimed == 1)
     }
 
-    async fn tick(&mut self) -> anyhow::Result<()> {
-        let now = now_ms();
+    /// Reads the consumers' state and raises the floors with it.
+    async fn read_progress(&mut self, now: u64) -> HashMap<String, Option<Progress>> {
         let progress = self.progress().await;
         for (stream, p) in &progress {
             if let Some(p) = p {
                 self.floors.raise(stream, p.floor);
             }
         }
+        self.floors_read_at = now;
+        progress
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        let now = now_ms();
         if !self.claim().await? {
+            // Not pushing: the consumers' state is only needed for the floors.
+            if now >= self.floors_read_at + FLOOR_REFRESH_MS {
+                self.read_progress(now).await;
+            }
             return Ok(());
         }
         let b = self.config.bucket_ms();
@@ -164,6 +181,9 @@ impl Closer {
             return Ok(());
         };
         let horizon = self.config.push_horizon.as_millis() as u64;
+        // Read once a bucket is due, not every tick: polling consumer info many times a
+        // second stalled a busy pull consumer on nats-server 2.9 (see the notify bench).
+        let mut progress = None;
         for _ in 0..100 {
             let end = last + b;
             if end > now {
@@ -175,12 +195,21 @@ impl Closer {
                 self.record(last).await?;
                 continue;
             }
-            if !self.closed(end, &progress).await {
+            let p = match progress.take() {
+                Some(p) => p,
+                None => self.read_progress(now).await,
+            };
+            let closed = self.closed(end, &p).await;
+            progress = Some(p);
+            if !closed {
                 break;
             }
             self.push(last, end).await?;
             self.record(end).await?;
             last = end;
+        }
+        if progress.is_none() && now >= self.floors_read_at + FLOOR_REFRESH_MS {
+            self.read_progress(now).await;
         }
         Ok(())
     }
@@ -346,6 +375,7 @@ pub async fn run_closer(
         instance: uuid::Uuid::new_v4().simple().to_string(),
         consumers: HashMap::new(),
         stored: HashMap::new(),
+        floors_read_at: 0,
     };
     loop {
         tokio::select! {

@@ -97,7 +97,7 @@ pub struct Running {
 
 /// Builds the router and starts the background parts (relay stats responder, router
 /// consumers, writing tracker and scheduler, notifier and notification scheduler, presence
-/// worker). They stop when `shutdown` is triggered.
+/// worker, activity worker, analytics worker). They stop when `shutdown` is triggered.
 pub async fn start(
     state: AppState,
     settings: Settings,
