@@ -518,3 +518,240 @@ async fn members_read_only_their_project_and_bad_parameters_are_400() {
     let (s, _) = env.get(METRICS, "").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
+
+/// The analytics events (`threshold_crossed`, `threshold_resolved`, `anomaly_detected`)
+/// stored so far.
+async fn analytics_events(env: &TestEnv) -> Vec<Value> {
+    let stream =
+        inkwire_shared::subjects::event_stream(inkwire_shared::events::Category::Analytics);
+    read_stream(
+        &env.state.js,
+        &stream,
+        String::new(),
+        DeliverPolicy::All,
+        10_000,
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|m| serde_json::from_slice(&m.payload).unwrap())
+    .collect()
+}
+
+fn word(project: &str) -> Value {
+    json!({"category": "writing", "type": "word_added", "userId": "u-o", "projectId": project,
+        "data": {"sessionId": "s-1", "words": 1}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_threshold_fires_once_per_crossing_and_resolves_once() {
+    const T: &str = "/api/realtime/analytics/thresholds";
+    let env = TestEnv::start_settings(
+        |_| {},
+        |s| {
+            s.analytics = config();
+            s.without_analytics_worker = false;
+        },
+    )
+    .await;
+    env.add_member("p-t", "u-o", ProjectRole::Owner).await;
+    env.add_member("p-t", "u-r", ProjectRole::Reader).await;
+    let owner = env.token("u-o");
+    let rule = json!({"metric": "word_added", "projectId": "p-t", "window": "3s",
+        "comparator": "gt", "value": 5, "hysteresis": 2});
+
+    // Who may: the project's owner (and admin / service); a reader neither manages nor sees.
+    let (s, b) = env
+        .put(&format!("{T}/many-words"), &env.token("u-r"), &rule)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    let (s, b) = env.put(&format!("{T}/many-words"), &owner, &rule).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["window"], "3s");
+    assert_eq!(b["state"]["fired"], false);
+    let (s, _) = env.get(&format!("{T}/many-words"), &env.token("u-r")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, b) = env.get(T, &env.token("u-r")).await;
+    assert_eq!(
+        (s, b["thresholds"].as_array().unwrap().len()),
+        (StatusCode::OK, 0)
+    );
+    let (s, b) = env.get(T, &env.admin_token()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["thresholds"][0]["name"], "many-words", "{b}");
+    // The overall series: admin and service only.
+    let mut overall = rule.clone();
+    overall.as_object_mut().unwrap().remove("projectId");
+    let (s, _) = env.put(&format!("{T}/all-words"), &owner, &overall).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // Bad input changes nothing.
+    for (body, code) in [
+        (
+            json!({"metric": "bogus", "window": "3s", "comparator": "gt", "value": 1}),
+            "invalid_parameter",
+        ),
+        (
+            json!({"metric": "total", "window": "3x", "comparator": "gt", "value": 1}),
+            "invalid_parameter",
+        ),
+        (
+            json!({"metric": "total", "window": "2h", "comparator": "gt", "value": 1}),
+            "invalid_parameter",
+        ),
+        (
+            json!({"metric": "total", "window": "1500ms", "comparator": "gt", "value": 1}),
+            "invalid_parameter",
+        ),
+        (
+            json!({"metric": "total", "window": "3s", "comparator": "eq", "value": 1}),
+            "validation_failed",
+        ),
+        (
+            json!({"metric": "total", "window": "3s", "comparator": "gt"}),
+            "validation_failed",
+        ),
+    ] {
+        let (s, b) = env
+            .put(&format!("{T}/bad"), &env.admin_token(), &body)
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {b}");
+        assert_eq!(b["code"], code, "{body}: {b}");
+    }
+    let (s, b) = env
+        .put(&format!("{T}/bad:name"), &env.admin_token(), &overall)
+        .await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_id"))
+    );
+    let (s, _) = env.get(&format!("{T}/bad"), &env.admin_token()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Above the threshold for several buckets (4 words a second over a 3 s window: 8, 12,
+    // 12, ...), then nothing: one crossing, one resolution.
+    for _ in 0..5 {
+        let events: Vec<Value> = (0..4).map(|_| word("p-t")).collect();
+        let (s, b) = env
+            .post(BATCH, &env.service_token(), &json!({ "events": events }))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let (_, b) = env.get(&format!("{T}/many-words"), &owner).await;
+    assert_eq!(b["state"]["fired"], true, "{b}");
+    // The window empties 3 s after the last words; give the closer a few buckets.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, b) = env.get(&format!("{T}/many-words"), &owner).await;
+        if b["state"]["fired"] == false {
+            assert_eq!(b["state"]["lastValue"], 0.0, "{b}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not resolved: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = analytics_events(&env).await;
+    let of = |t: &str| {
+        events
+            .iter()
+            .filter(|e| e["type"] == t && e["data"]["name"] == "many-words")
+            .collect::<Vec<_>>()
+    };
+    let crossed = of("threshold_crossed");
+    let resolved = of("threshold_resolved");
+    assert_eq!(crossed.len(), 1, "{events:?}");
+    assert_eq!(resolved.len(), 1, "{events:?}");
+    let c = &crossed[0];
+    assert_eq!(c["projectId"], "p-t");
+    assert_eq!(c["userId"], "u-o");
+    assert_eq!(c["data"]["direction"], "above");
+    assert_eq!(c["data"]["threshold"], 5.0);
+    assert!(c["data"]["value"].as_f64().unwrap() > 5.0, "{c}");
+    assert!(resolved[0]["data"]["value"].as_f64().unwrap() <= 3.0);
+    // Both fit their schemas (as every stored event must).
+    for e in [c, resolved[0]] {
+        inkwire_shared::schema::schemas()
+            .validate_event(e)
+            .unwrap_or_else(|errs| panic!("{e}: {errs:?}"));
+    }
+
+    // Replacing the rule starts it afresh; deleting removes it.
+    let (s, b) = env.put(&format!("{T}/many-words"), &owner, &rule).await;
+    assert_eq!((s, b["revision"].as_u64()), (StatusCode::OK, Some(2)));
+    let (s, _) = env
+        .delete(&format!("{T}/many-words"), &env.token("u-r"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = env.delete(&format!("{T}/many-words"), &owner).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = env.get(&format!("{T}/many-words"), &owner).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_against_an_hour_of_history_is_an_anomaly_once() {
+    let env = TestEnv::start_settings(
+        |_| {},
+        |s| {
+            s.analytics = config();
+            s.without_analytics_worker = false;
+        },
+    )
+    .await;
+    // An hour of history: the project had 10 events a minute (a fixture in the rollup
+    // hashes the counters write; the detector reads nothing else).
+    let minute = 60_000i128;
+    // Not in a minute's last seconds: the burst must be stored in the minute it is for.
+    if now_ms() % minute > 50_000 {
+        tokio::time::sleep(Duration::from_millis(
+            (minute - now_ms() % minute + 200) as u64,
+        ))
+        .await;
+    }
+    let this_minute = now_ms() - now_ms() % minute;
+    let mut redis = env.state.redis.clone();
+    for i in 1..=60 {
+        let key = store::bucket_key(60_000, (this_minute - i * minute) as u64);
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("p:p-z:total")
+            .arg(10)
+            .arg("total")
+            .arg(10)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    // In this minute: 200.
+    let events: Vec<Value> = (0..200).map(|_| word("p-z")).collect();
+    let (s, b) = env
+        .post(BATCH, &env.service_token(), &json!({ "events": events }))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let closed_at = this_minute + minute;
+    // The minute closes, then the detector has its turn (pushed within a second).
+    let wait = (closed_at + 3_000 - now_ms()).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let found: Vec<Value> = analytics_events(&env)
+            .await
+            .into_iter()
+            .filter(|e| e["type"] == "anomaly_detected" && e["projectId"] == "p-z")
+            .collect();
+        if !found.is_empty() || tokio::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(found.len(), 1, "{found:?}");
+    let d = &found[0]["data"];
+    assert_eq!(d["direction"], "spike", "{d}");
+    assert_eq!(d["value"], 200.0, "{d}");
+    assert_eq!(d["expected"], 10.0, "{d}");
+    inkwire_shared::schema::schemas()
+        .validate_event(&found[0])
+        .unwrap_or_else(|errs| panic!("{}: {errs:?}", found[0]));
+}

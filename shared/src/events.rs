@@ -74,7 +74,12 @@ impl Category {
                 "book_published",
                 "sales_updated",
             ],
-            Category::Analytics => &["metric_updated", "threshold_crossed", "anomaly_detected"],
+            Category::Analytics => &[
+                "metric_updated",
+                "threshold_crossed",
+                "threshold_resolved",
+                "anomaly_detected",
+            ],
             Category::Automation => &[
                 "workflow_started",
                 "action_executed",
@@ -236,12 +241,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn thirty_one_types_unique_across_categories() {
+    fn thirty_two_types_unique_across_categories() {
         let all: Vec<&str> = Category::ALL
             .iter()
             .flat_map(|c| c.event_types().iter().copied())
             .collect();
-        assert_eq!(all.len(), 31);
+        assert_eq!(all.len(), 32);
         let mut dedup = all.clone();
         dedup.sort();
         dedup.dedup();

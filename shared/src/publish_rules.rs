@@ -100,6 +100,7 @@ pub const RULES: &[(Category, &str, PublishRule)] = &[
     (Category::Publishing, "sales_updated", ServiceOnly),
     (Category::Analytics, "metric_updated", ServiceOnly),
     (Category::Analytics, "threshold_crossed", ServiceOnly),
+    (Category::Analytics, "threshold_resolved", ServiceOnly),
     (Category::Analytics, "anomaly_detected", ServiceOnly),
     (Category::Automation, "workflow_started", ServiceOnly),
     (Category::Automation, "action_executed", ServiceOnly),

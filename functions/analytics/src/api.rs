@@ -62,7 +62,8 @@ pub fn routes(api: AnalyticsApi) -> Router {
         .route("/api/realtime/analytics/metrics", get(metrics))
         .route("/api/realtime/analytics/projects/{id}", get(project))
         .route("/api/realtime/analytics/books/{id}/sales", get(book_sales))
-        .with_state(api)
+        .with_state(api.clone())
+        .merge(crate::thresholds::routes(api))
 }
 
 fn redis_err(e: redis::RedisError) -> Problem {

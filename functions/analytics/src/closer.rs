@@ -240,11 +240,14 @@ impl Closer {
     async fn push(&mut self, start: u64, end: u64) -> anyhow::Result<()> {
         let b = self.config.bucket_ms();
         let fields = store::bucket(&mut self.redis, b, start).await?;
-        if fields.is_empty() {
-            return Ok(());
-        }
         let bucket = closed_bucket(start, end, b, &fields);
-        let frames = frames(&bucket);
+        // A bucket without events has no frames (nothing changed), but the hooks still see
+        // it: thresholds and anomalies are also about values that fell to nothing.
+        let frames = if fields.is_empty() {
+            Vec::new()
+        } else {
+            frames(&bucket)
+        };
         let publishes = frames.iter().map(|(channel, data)| {
             let id = format!("analytics:{start}:{b}:{channel}");
             channels::publish(&self.js, channel, MessageType::MetricsUpdate, data, id)

@@ -1,6 +1,8 @@
-//! The seam for what reacts to closed buckets — threshold crossings and anomaly detection
-//! (issue 13, items 4 and 5, not built yet): [`on_bucket_closed`] is called once for every
-//! bucket the closer pushes, with the series that changed in it, after its frames went out.
+//! What reacts to closed buckets — threshold crossings ([`crate::thresholds`]) and anomaly
+//! detection ([`crate::anomalies`]): [`on_bucket_closed`] is called once for every bucket
+//! the closer closes (also one without events: a value falling to nothing is what a `lt`
+//! threshold or a dip is about), with the series that changed in it, after its frames went
+//! out.
 
 use std::sync::Arc;
 
@@ -71,8 +73,11 @@ pub fn parse_field(field: &str) -> Option<(Option<String>, Metric)> {
 /// is logged and does not hold up the next bucket. (If the instance fails between this call
 /// and recording the bucket as pushed, the next holder of the lease calls it again for the
 /// same bucket: hooks should publish with ids derived from the bucket.)
-pub async fn on_bucket_closed(_ctx: &HookContext, _bucket: &ClosedBucket) -> anyhow::Result<()> {
-    Ok(())
+pub async fn on_bucket_closed(ctx: &HookContext, bucket: &ClosedBucket) -> anyhow::Result<()> {
+    // Both run; the first error is reported after both had their turn.
+    let thresholds = crate::thresholds::evaluate(ctx, bucket).await;
+    let anomalies = crate::anomalies::on_bucket_closed(ctx, bucket).await;
+    thresholds.and(anomalies)
 }
 
 #[cfg(test)]

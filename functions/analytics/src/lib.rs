@@ -6,8 +6,11 @@
 //! bucket boundary, once the consumers have applied everything stored before it, one
 //! instance pushes the bucket's changed series to `category:analytics` and to each changed
 //! project's channel, then hands the bucket to [`hooks::on_bucket_closed`] (the seam for
-//! thresholds and anomaly detection).
+//! thresholds and anomaly detection: [`thresholds`] evaluates every threshold at each
+//! bucket, [`anomalies`] puts every closed minute to the detector of [`anomaly`]).
 
+pub mod anomalies;
+pub mod anomaly;
 pub mod api;
 pub mod closer;
 pub mod config;
@@ -15,6 +18,8 @@ pub mod counted;
 pub mod hooks;
 pub mod replay;
 pub mod store;
+pub mod threshold_rule;
+pub mod thresholds;
 pub mod worker;
 
 pub use api::{AnalyticsApi, routes};
