@@ -547,6 +547,34 @@ const ROUTES: &[Route] = &[
         None,
         As::Service,
     ),
+    // Analytics thresholds (`{threshold}` on u-1's project p-1; deleting comes last).
+    route(
+        Method::PUT,
+        "/api/realtime/analytics/thresholds/{threshold}",
+        Some(|| {
+            json!({"metric": "word_added", "projectId": "p-1", "window": "1m",
+                "comparator": "gt", "value": 100, "hysteresis": 10})
+        }),
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/analytics/thresholds/{threshold}",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::GET,
+        "/api/realtime/analytics/thresholds",
+        None,
+        As::Owner,
+    ),
+    route(
+        Method::DELETE,
+        "/api/realtime/analytics/thresholds/{threshold}",
+        None,
+        As::Owner,
+    ),
     // Health.
     route(Method::GET, "/healthz", None, As::Nobody),
     route(Method::GET, "/readyz", None, As::Nobody),
@@ -738,6 +766,7 @@ impl Fuzzer {
             ("{device}", "fuzz-device"),
             ("{csession}", "tab-1"),
             ("{book}", "b-1"),
+            ("{threshold}", "fuzz-threshold"),
         ] {
             let value = match replace {
                 Some((n, v)) if n == name => v,
@@ -1087,6 +1116,7 @@ async fn every_route_survives_odd_input() {
             "{device}",
             "{csession}",
             "{book}",
+            "{threshold}",
         ] {
             if !r.path.contains(name) {
                 continue;
