@@ -159,7 +159,7 @@ mod tests {
                 assert_eq!(n, 1, "{c}.{t} has {n} rules");
             }
         }
-        assert_eq!(RULES.len(), 31);
+        assert_eq!(RULES.len(), 32);
     }
 
     #[test]
