@@ -458,12 +458,24 @@ async fn a_killed_server_loses_no_edit_another_client_had_received() {
     }
     doomed.kill();
     typing.abort();
-    // What the reader had received when the server died.
-    let seen = r.state().await;
+    // What the reader had received when the server died: the text it shows, and its
+    // document state (read until the state holds what the text shows, so a state asked
+    // for in the middle of applying a received update is not mistaken for a loss).
+    let shown = r.text().await.len();
+    let mut seen = r.state().await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while text_of(&doc_from(&seen)).len() < shown && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen = r.state().await;
+    }
     r.kill().await;
     let seen_doc = doc_from(&seen);
     let seen_text = text_of(&seen_doc);
-    assert!(seen_text.len() > 300);
+    assert!(
+        seen_text.len() > 300 && seen_text.len() >= shown,
+        "the reader showed {shown} characters, its state holds {}",
+        seen_text.len()
+    );
     // A fresh instance (the test environment's) loads the document from the stream.
     let mut c = peer(&env.base, &env, "d-crash", "rita").await;
     let after = doc_from(&c.state().await);

@@ -2,6 +2,7 @@
 //! report each figure beside it as a ratio, because machines (and especially shared CI
 //! machines) are noisy.
 
+mod analytics;
 mod chat;
 mod coedit;
 mod fanout;
@@ -34,6 +35,9 @@ pub enum Scenario {
     /// Chat: messages through the chat API to every member of a room of 10 and of 1,000,
     /// vs bare fan-out of the same messages to the same clients.
     Chat(chat::ChatArgs),
+    /// Analytics: events counted per second from a backlog vs a bare JetStream consumer;
+    /// bucket end → push lag at a steady rate.
+    Analytics(analytics::AnalyticsArgs),
     /// The client side of `fanout`, run as a separate process (internal).
     #[command(hide = true)]
     FanoutClients(fanout::ClientsArgs),
@@ -128,6 +132,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Coedit(args) => coedit::run(args).await,
         Scenario::Presence(args) => presence::run(args).await,
         Scenario::Chat(args) => chat::run(args).await,
+        Scenario::Analytics(args) => analytics::run(args).await,
         Scenario::FanoutClients(args) => fanout::clients(args).await,
     }
 }
