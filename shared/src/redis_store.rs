@@ -1,6 +1,6 @@
 //! Redis connection management: one multiplexed, auto-reconnecting connection per process.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
 
 /// Connects to Redis and checks the connection with a PING.
@@ -35,4 +35,29 @@ pub async fn delete_keys(conn: &mut ConnectionManager, keys: &[String]) -> redis
         redis::cmd("DEL").arg(chunk).query_async::<()>(conn).await?;
     }
     Ok(())
+}
+
+/// Every key matching `pattern`, by `SCAN` (never `KEYS`, which blocks Redis while it walks
+/// every key): for replays, which delete what a projection wrote.
+pub async fn scan_keys<C: ConnectionLike>(
+    redis: &mut C,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
 }

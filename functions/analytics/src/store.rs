@@ -201,22 +201,7 @@ pub async fn all_keys<C: ConnectionLike>(
             .iter()
             .map(|s| format!("inkwire:applied:{CONSUMER}:{s}")),
     );
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{PREFIX}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    keys.extend(inkwire_shared::redis_store::scan_keys(redis, &format!("{PREFIX}:*")).await?);
     Ok(keys)
 }
 

@@ -376,6 +376,20 @@ async fn stored(redis: &mut ConnectionManager, name: &str) -> Result<Option<Thre
     Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
 }
 
+/// The threshold `name` if `caller` may see it; `404 threshold_not_found` as for one that
+/// does not exist otherwise.
+async fn visible(
+    redis: &mut ConnectionManager,
+    caller: &Caller,
+    name: &str,
+) -> Result<Threshold, Problem> {
+    let t = stored(redis, name).await?.ok_or_else(|| not_found(name))?;
+    if !may_manage(redis, caller, t.project_id.as_deref()).await? {
+        return Err(not_found(name));
+    }
+    Ok(t)
+}
+
 async fn read(
     State(api): State<AnalyticsApi>,
     caller: Caller,
@@ -383,12 +397,7 @@ async fn read(
 ) -> Result<Json<Value>, Problem> {
     let name = checked_id("threshold", &name)?;
     let mut redis = api.app.redis.clone();
-    let t = stored(&mut redis, name)
-        .await?
-        .ok_or_else(|| not_found(name))?;
-    if !may_manage(&mut redis, &caller, t.project_id.as_deref()).await? {
-        return Err(not_found(name));
-    }
+    let t = visible(&mut redis, &caller, name).await?;
     let state = read_state(&mut redis, name).await.map_err(redis_err)?;
     Ok(Json(t.public(&state)))
 }
@@ -553,12 +562,7 @@ async fn delete(
 ) -> Result<Json<Value>, Problem> {
     let name = checked_id("threshold", &name)?;
     let mut redis = api.app.redis.clone();
-    let t = stored(&mut redis, name)
-        .await?
-        .ok_or_else(|| not_found(name))?;
-    if !may_manage(&mut redis, &caller, t.project_id.as_deref()).await? {
-        return Err(not_found(name));
-    }
+    visible(&mut redis, &caller, name).await?;
     redis::pipe()
         .atomic()
         .cmd("HDEL")

@@ -25,27 +25,11 @@ pub struct ReplayStats {
 /// the API's end-request guards (not derived from the stream) and the tracker's outboxes
 /// (derived events still to publish: delivery state, which a replay leaves alone).
 pub async fn projection_keys(redis: &mut ConnectionManager) -> redis::RedisResult<Vec<String>> {
-    let mut keys = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("inkwire:writing:*")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        keys.extend(
-            batch
-                .into_iter()
-                .filter(|k| !k.ends_with(":end-requested") && !k.ends_with(":outbox")),
-        );
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let mut keys: Vec<String> = inkwire_shared::redis_store::scan_keys(redis, "inkwire:writing:*")
+        .await?
+        .into_iter()
+        .filter(|k| !k.ends_with(":end-requested") && !k.ends_with(":outbox"))
+        .collect();
     keys.sort();
     Ok(keys)
 }
