@@ -677,9 +677,17 @@ async fn a_threshold_fires_once_per_crossing_and_resolves_once() {
             .unwrap_or_else(|errs| panic!("{e}: {errs:?}"));
     }
 
-    // Replacing the rule starts it afresh; deleting removes it.
+    // The same rule again (a retried PUT) changes nothing; another rule starts afresh;
+    // deleting removes it.
     let (s, b) = env.put(&format!("{T}/many-words"), &owner, &rule).await;
+    assert_eq!((s, b["revision"].as_u64()), (StatusCode::OK, Some(1)));
+    assert_eq!(b["state"]["fired"], false, "{b}");
+    assert!(b["state"]["lastValue"].as_f64().is_some(), "{b}");
+    let mut changed = rule.clone();
+    changed["value"] = json!(50);
+    let (s, b) = env.put(&format!("{T}/many-words"), &owner, &changed).await;
     assert_eq!((s, b["revision"].as_u64()), (StatusCode::OK, Some(2)));
+    assert_eq!(b["state"]["lastValue"], Value::Null, "{b}");
     let (s, _) = env
         .delete(&format!("{T}/many-words"), &env.token("u-r"))
         .await;

@@ -20,6 +20,8 @@
 //! without any event is not pushed. On first start the closer begins with the current
 //! bucket; buckets that ended more than `INKWIRE_ANALYTICS_PUSH_HORIZON` ago (the workers
 //! were down) are skipped.
+//! An instance that stops gives the lease up, so the next holder does not wait for it to
+//! expire.
 //!
 //! The clock compared with the stored times is this host's; hosts and the NATS servers are
 //! expected to run NTP-synchronised clocks.
@@ -84,6 +86,12 @@ return 0
 static CLAIM_SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(CLAIM));
 
+static RELEASE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+    )
+});
+
 impl Closer {
     /// Every stream's consumer state, read at once (one request per stream, concurrently:
     /// this runs every tick on every instance). `None` for a consumer not there yet.
@@ -132,6 +140,16 @@ impl Closer {
         let at = (m.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
         self.stored.insert(stream.to_string(), (floor + 1, at));
         Some(at)
+    }
+
+    /// Gives the lease up if this instance holds it.
+    async fn release(&mut self) -> redis::RedisResult<()> {
+        RELEASE_SCRIPT
+            .key(store::lease_key())
+            .arg(&self.instance)
+            .invoke_async::<i64>(&mut self.redis)
+            .await
+            .map(|_| ())
     }
 
     async fn claim(&mut self) -> redis::RedisResult<bool> {
@@ -387,7 +405,12 @@ pub async fn run_closer(
                     tracing::warn!(error = %e, "analytics closer tick failed");
                 }
             }
-            _ = shutdown.wait() => return Ok(()),
+            _ = shutdown.wait() => {
+                // Hand the lease over at once: a restarted or other instance pushes the next
+                // bucket on time instead of after the lease's expiry.
+                let _ = closer.release().await;
+                return Ok(());
+            }
         }
     }
 }

@@ -513,6 +513,16 @@ async fn put(
         )
         .with_extension("limit", MAX_THRESHOLDS));
     }
+    // The same rule again (a retried PUT) changes nothing: its state and events stand.
+    if let Some(old) = &old
+        && (&old.metric, &old.project_id, old.window_ms, old.comparator)
+            == (&metric, &project_id, window_ms, comparator)
+        && old.value == value
+        && old.hysteresis == hysteresis
+    {
+        let state = read_state(&mut redis, name).await.map_err(redis_err)?;
+        return Ok((StatusCode::OK, Json(old.public(&state))).into_response());
+    }
     let t = Threshold {
         name: name.to_string(),
         metric,

@@ -1,11 +1,13 @@
 //! The analytics worker: one durable consumer (`analytics`) per category stream, and the
 //! closer that pushes closed buckets (`closer.rs`).
 //!
-//! The consumers run on the shared write-behind runner only for its batching: every message
-//! already fetched (up to `INKWIRE_ANALYTICS_BATCH`) is applied with one script call
-//! (`store::apply_batch`) and acked once that call returned, so a crash between the script
-//! and the acks redelivers messages the script then skips. Nothing is held between batches.
-//! A failed call naks the whole batch for a retry (it wrote nothing: the script is atomic).
+//! The consumers run on the shared write-behind runner: the messages it hands over are held
+//! (nothing is counted in memory), and each flush counts everything held since the last one
+//! with one script call (`store::apply_batch`) in a background task, so the next batch is
+//! fetched while Redis runs the script (one call in flight per stream keeps the order of the
+//! applied set's trims). Each message is acked once the call that counted it returned, so a
+//! crash between the script and the acks redelivers messages the script then skips. A failed
+//! call naks its messages for a retry (it wrote nothing: the script is atomic).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,7 +68,8 @@ pub fn streams() -> Vec<String> {
 pub fn spec(stream: &str, config: &AnalyticsConfig) -> ConsumerSpec {
     let mut spec = ConsumerSpec::new(stream, CONSUMER);
     spec.batch = config.batch;
-    spec.max_ack_pending = Some((config.batch as i64 * 4).max(100));
+    // Held + two calls in flight + acks on their way: a smaller window stalls deliveries.
+    spec.max_ack_pending = Some((config.batch as i64 * 8).max(100));
     // A count given up on is a count lost: retry a batch Redis refused for hours (1 s, 5 s,
     // 30 s, then every 2 min) before the runner dead-letters it.
     spec.max_deliver = MAX_DELIVER;
@@ -82,33 +85,123 @@ struct StreamCounter {
     config: Arc<AnalyticsConfig>,
     stream: String,
     floors: Floors,
+    /// Handed over by the runner and not yet in a call.
+    held: Vec<Delivery>,
+    /// Calls on their way, oldest first (at most [`IN_FLIGHT`]).
+    in_flight: std::collections::VecDeque<Counting>,
 }
 
-impl WriteBehind for StreamCounter {
-    async fn apply(&mut self, batch: Vec<Delivery>) -> Vec<Verdict> {
-        let floor = self.floors.get(&self.stream);
-        match store::apply_batch(&mut self.redis, &self.config, &self.stream, floor, &batch).await {
-            Ok(_) => batch.iter().map(|_| Verdict::Done).collect(),
-            Err(e) => {
-                let why = format!("redis: {e}");
-                batch
-                    .iter()
-                    .map(|_| Verdict::Failed(HandlerError::Retry(why.clone())))
+/// Script calls in flight per stream. Two keep Redis busy: one batch is built and sent while
+/// the script of the one before runs. Calls may run in any order: their messages differ,
+/// each is atomic, and the floor trims only acknowledged messages.
+const IN_FLIGHT: usize = 2;
+
+/// A script call on its way: the sequences it covers, and its answer once in.
+struct Counting {
+    seqs: Vec<u64>,
+    task: tokio::task::JoinHandle<Result<store::BatchOutcome, String>>,
+    report: Option<Result<store::BatchOutcome, String>>,
+}
+
+impl Counting {
+    fn done(&self) -> bool {
+        self.report.is_some() || self.task.is_finished()
+    }
+
+    /// The outcome of each of its messages (waits for the call if needed).
+    async fn outcomes(mut self, stream: &str) -> Vec<(u64, Result<(), HandlerError>)> {
+        let report = match self.report.take() {
+            Some(r) => r,
+            None => joined((&mut self.task).await),
+        };
+        match report {
+            Ok(_) => self.seqs.into_iter().map(|s| (s, Ok(()))).collect(),
+            Err(why) => {
+                tracing::warn!(stream, %why, "counting failed; retrying");
+                self.seqs
+                    .into_iter()
+                    .map(|s| (s, Err(HandlerError::Retry(why.clone()))))
                     .collect()
             }
         }
     }
+}
+
+impl StreamCounter {
+    /// Settles the finished calls at the front; with `room`, also waits for the oldest
+    /// until fewer than [`IN_FLIGHT`] remain.
+    async fn settle_counting(&mut self, room: bool) -> Vec<(u64, Result<(), HandlerError>)> {
+        let mut settled = Vec::new();
+        while let Some(c) = self.in_flight.front() {
+            let full = room && self.in_flight.len() >= IN_FLIGHT;
+            if !(c.done() || full) {
+                break;
+            }
+            let c = self.in_flight.pop_front().expect("a front exists");
+            settled.extend(c.outcomes(&self.stream).await);
+        }
+        settled
+    }
+
+    /// Starts counting what is held, in the background.
+    fn start_counting(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.held);
+        let seqs = batch.iter().map(|d| d.stream_sequence).collect();
+        let mut redis = self.redis.clone();
+        let config = self.config.clone();
+        let stream = self.stream.clone();
+        let floor = self.floors.get(&stream);
+        let task = tokio::spawn(async move {
+            store::apply_batch(&mut redis, &config, &stream, floor, &batch)
+                .await
+                .map_err(|e| format!("redis: {e}"))
+        });
+        self.in_flight.push_back(Counting {
+            seqs,
+            task,
+            report: None,
+        });
+    }
+}
+
+fn joined(
+    r: Result<Result<store::BatchOutcome, String>, tokio::task::JoinError>,
+) -> Result<store::BatchOutcome, String> {
+    r.unwrap_or_else(|e| Err(format!("the counting task failed: {e}")))
+}
+
+impl WriteBehind for StreamCounter {
+    async fn apply(&mut self, batch: Vec<Delivery>) -> Vec<Verdict> {
+        let verdicts = batch.iter().map(|_| Verdict::Pending).collect();
+        self.held.extend(batch);
+        verdicts
+    }
 
     async fn flush(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
-        Vec::new()
+        let settled = self.settle_counting(true).await;
+        self.start_counting();
+        settled
     }
 
     async fn written(&mut self) {
-        std::future::pending::<()>().await
+        match self.in_flight.iter_mut().find(|c| c.report.is_none()) {
+            Some(c) => {
+                // Cancel-safe: the task keeps its result until it is awaited again.
+                c.report = Some(joined((&mut c.task).await));
+            }
+            None => std::future::pending().await,
+        }
     }
 
     async fn settle(&mut self) -> Vec<(u64, Result<(), HandlerError>)> {
-        Vec::new()
+        self.settle_counting(false).await
+    }
+
+    fn writing(&self) -> usize {
+        self.in_flight.iter().map(|c| c.seqs.len()).sum()
     }
 }
 
@@ -141,12 +234,15 @@ pub async fn run(
             config: config.clone(),
             stream: stream.clone(),
             floors: floors.clone(),
+            held: Vec::new(),
+            in_flight: std::collections::VecDeque::new(),
         };
         tasks.push(tokio::spawn(consumer::run_write_behind(
             js.clone(),
             spec(stream, &config),
             FlushPolicy {
-                interval: Duration::from_secs(1),
+                // Counts wait at most this long for a fuller call (the push lag's share).
+                interval: Duration::from_millis(50),
                 max_pending: config.batch,
             },
             counter,

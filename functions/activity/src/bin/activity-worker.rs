@@ -1,7 +1,7 @@
 //! The activity worker as one long-running process: a durable consumer per source and the
-//! retention sweep. Run several for availability: each source's consumer is shared (one
-//! message in flight at a time, applied once by its high-water mark) and the sweep's leases
-//! keep instances from trimming the same user at once.
+//! retention sweep. Run several for availability: each source's consumer is shared (every
+//! message is applied once through `shared::idempotency::apply_once`, whichever instance gets
+//! it) and the sweep's leases keep instances from trimming the same user at once.
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
