@@ -58,6 +58,10 @@ pub struct Settings {
     pub without_presence_worker: bool,
     /// Activity log retention and sweep.
     pub activity: ActivityConfig,
+    /// Run no activity worker in this process (its consumers wait for an `activity-worker`
+    /// elsewhere). The benches of other features set it: the worker reads every user-channel
+    /// push for the reads among them.
+    pub without_activity_worker: bool,
     /// Analytics buckets, retention, batches and push timing.
     pub analytics: AnalyticsConfig,
     /// Run no analytics worker in this process (its consumers and the bucket push wait for
@@ -81,6 +85,7 @@ impl Settings {
             presence: PresenceConfig::from_env()?,
             without_presence_worker: false,
             activity: ActivityConfig::from_env()?,
+            without_activity_worker: false,
             analytics: AnalyticsConfig::from_env()?,
             without_analytics_worker: false,
         })
@@ -173,13 +178,18 @@ pub async fn start(
         )
         .boxed()
     });
-    let activity_task = tokio::spawn(inkwire_activity::run_worker(
-        state.js.clone(),
-        state.redis.clone(),
-        (*state.config).clone(),
-        settings.activity.clone(),
-        shutdown.clone(),
-    ));
+    let activity_task = tokio::spawn(if settings.without_activity_worker {
+        futures::future::ready(Ok(())).boxed()
+    } else {
+        inkwire_activity::run_worker(
+            state.js.clone(),
+            state.redis.clone(),
+            (*state.config).clone(),
+            settings.activity.clone(),
+            shutdown.clone(),
+        )
+        .boxed()
+    });
     let analytics_task = tokio::spawn(if settings.without_analytics_worker {
         futures::future::ready(Ok(())).boxed()
     } else {

@@ -267,7 +267,15 @@ pub async fn run(args: CoeditArgs) -> anyhow::Result<()> {
         .iter()
         .map(|u| state.jwt.issue(u, &[], Duration::from_secs(3600)))
         .collect();
-    let served = super::Served::start(&state, inkwire::Settings::from_env()?).await?;
+    // The deployment's settings, without the presence and analytics workers (separate
+    // processes in a deployment, as in the other benches): on these two cores they would
+    // count and report this load instead of measuring it.
+    let settings = inkwire::Settings {
+        without_presence_worker: true,
+        without_analytics_worker: true,
+        ..inkwire::Settings::from_env()?
+    };
+    let served = super::Served::start(&state, settings).await?;
     let addr = served.addr;
     let ours = measure(
         &args,

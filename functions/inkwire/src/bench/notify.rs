@@ -103,7 +103,16 @@ pub async fn run(args: NotifyArgs) -> anyhow::Result<()> {
     let base_rate = args.notifications as f64 / base_secs;
 
     // The service, on a local port.
-    let served = super::Served::start(&state, inkwire::Settings::from_env()?).await?;
+    // The deployment's settings, without the presence, activity and analytics workers
+    // (separate processes in a deployment, as in the other benches): on these two cores
+    // they would report, scan and count this load instead of measuring it.
+    let settings = inkwire::Settings {
+        without_presence_worker: true,
+        without_activity_worker: true,
+        without_analytics_worker: true,
+        ..inkwire::Settings::from_env()?
+    };
+    let served = super::Served::start(&state, settings).await?;
     let addr = served.addr;
 
     // One client per recipient, subscribed to its user channel.
