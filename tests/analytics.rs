@@ -603,6 +603,15 @@ async fn a_threshold_fires_once_per_crossing_and_resolves_once() {
             json!({"metric": "total", "window": "1500ms", "comparator": "gt", "value": 1}),
             "invalid_parameter",
         ),
+        // Too long for any clock: an error, not an overflow.
+        (
+            json!({"metric": "total", "window": "999999999999999d", "comparator": "gt", "value": 1}),
+            "invalid_parameter",
+        ),
+        (
+            json!({"metric": "total", "window": "999999999999999h", "comparator": "gt", "value": 1}),
+            "invalid_parameter",
+        ),
         (
             json!({"metric": "total", "window": "3s", "comparator": "eq", "value": 1}),
             "validation_failed",

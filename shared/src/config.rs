@@ -347,19 +347,22 @@ pub fn parse_duration(v: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{v:?} does not start with a number"))?;
-    let secs = match unit {
+    let scale: u64 = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => {
             return Err(format!(
                 "{v:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
             ));
         }
     };
-    Ok(Duration::from_secs(secs))
+    // Checked: a request may carry any digits, and a wrapped product is a wrong duration.
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{v:?} is too long a duration"))
 }
 
 #[cfg(test)]
@@ -389,6 +392,9 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("10w").is_err());
+        // Too long to represent: an error, not a panic or a wrapped value.
+        assert!(parse_duration("999999999999999999d").is_err());
+        assert!(parse_duration("99999999999999999999s").is_err());
     }
 
     #[test]

@@ -454,9 +454,10 @@ async fn put(
         None => None,
     };
     let window_raw = body["window"].as_str().unwrap_or_default();
+    // Checked: `999999999999999h` parses, but its milliseconds do not fit a u64.
     let window_ms = parse_duration(window_raw)
         .ok()
-        .map(|d| d.as_millis() as u64)
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
         .filter(|ms| *ms > 0)
         .ok_or_else(|| {
             Problem::bad_request(
