@@ -249,8 +249,18 @@ async fn activity_of_every_source_lands_once_holds_no_text_and_is_private() {
         (&c["projectId"], &c["documentId"]),
         (&json!("p-1"), &json!("d-1"))
     );
-    // Newest first.
-    let times: Vec<&str> = entries.iter().map(|e| e["at"].as_str().unwrap()).collect();
+    // Newest first (compared as instants: RFC 3339 text drops trailing zeros, so
+    // "…41.81Z" is later than "…41.817Z" as a string).
+    let times: Vec<time::OffsetDateTime> = entries
+        .iter()
+        .map(|e| {
+            time::OffsetDateTime::parse(
+                e["at"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        })
+        .collect();
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(times, sorted);
