@@ -138,10 +138,12 @@ pub enum MessageType {
     Error,
     /// A closed analytics bucket's changed series (`functions/analytics`).
     MetricsUpdate,
+    /// A workflow run's or step's progress (`functions/workflows`).
+    WorkflowUpdate,
 }
 
 impl MessageType {
-    pub const ALL: [MessageType; 8] = [
+    pub const ALL: [MessageType; 9] = [
         MessageType::System,
         MessageType::UserMessage,
         MessageType::DocumentUpdate,
@@ -150,6 +152,7 @@ impl MessageType {
         MessageType::Notification,
         MessageType::Error,
         MessageType::MetricsUpdate,
+        MessageType::WorkflowUpdate,
     ];
 }
 

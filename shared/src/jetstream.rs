@@ -125,6 +125,19 @@ pub fn desired_streams(config: &Config) -> Vec<stream::Config> {
         allow_direct: true,
         ..Default::default()
     });
+    // Workflow steps (issue 14): one message per dispatch of a step attempt; the run's state
+    // is in Redis, so these are kept only as long as events (a stopped runner catches up).
+    streams.push(stream::Config {
+        name: subjects::WF_STREAM.to_string(),
+        description: Some("inkwire workflow step dispatches".into()),
+        subjects: vec![format!("{}.>", subjects::WF_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: config.event_retention,
+        duplicate_window: config.duplicate_window,
+        storage,
+        num_replicas: config.replicas,
+        ..Default::default()
+    });
     // Chat (issue 12): a room's messages, edits and tombstones on `chat.{roomId}`. No age
     // limit (the history is kept); deduplicated by room and sequence.
     streams.push(stream::Config {

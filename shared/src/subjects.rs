@@ -26,6 +26,11 @@ pub const YDOC_STREAM: &str = "YDOC";
 /// Prefix of the YDOC stream's subjects.
 pub const YDOC_PREFIX: &str = "ydoc";
 
+/// Workflow step dispatches (`functions/workflows`): `wf.step.{runId}.{stepId}`.
+pub const WF_STREAM: &str = "WF";
+/// The prefix of the workflow stream's subjects.
+pub const WF_PREFIX: &str = "wf";
+
 /// Stream of chat rooms (issue 12): every message, edit and tombstone of a room on
 /// `chat.{roomId}` (room ids are checked before they reach a subject). No age limit: a room's
 /// history lives here.

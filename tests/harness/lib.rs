@@ -57,6 +57,12 @@ fn test_settings() -> inkwire::Settings {
     inkwire::Settings {
         without_presence_worker: true,
         without_analytics_worker: true,
+        without_workflows_worker: true,
+        workflows: inkwire_workflows::WorkflowsConfig {
+            http_allow_private: true,
+            watch_grace: Duration::from_secs(1),
+            ..Default::default()
+        },
         ..inkwire::Settings::default()
     }
 }
@@ -137,6 +143,7 @@ impl TestEnv {
             .await
             .expect("connect to test servers");
         let mut settings = test_settings();
+        settings.workflows.files_dir = dir.path().join("workflow-files");
         settings_tweak(&mut settings);
         let (base, relay, coedit, shutdown, tx) = serve_instance(state.clone(), settings).await;
         TestEnv {

@@ -70,7 +70,12 @@ struct Closer {
     stored: HashMap<String, (u64, u64)>,
     /// When the floors were last read (ms).
     floors_read_at: u64,
+    /// The bucket (its end) whose hooks failed, and how many times in a row.
+    hook_failures: (u64, u32),
 }
+
+/// How many times a bucket's hooks are tried before the closer moves on without them.
+const HOOK_ATTEMPTS: u32 = 5;
 
 /// How often the floors are refreshed when no bucket needs the consumers' state (ms).
 const FLOOR_REFRESH_MS: u64 = 5_000;
@@ -282,8 +287,23 @@ impl Closer {
             redis: self.redis.clone(),
             config: self.config.clone(),
         };
+        // A failed hook (Redis or JetStream busy) keeps the bucket unrecorded, so the next
+        // tick runs the hooks again — they are idempotent (a threshold's transition is a
+        // compare-and-set, an anomaly's event id is derived from its minute). A hook that
+        // keeps failing must not stop the metric stream: after `HOOK_ATTEMPTS` the bucket
+        // is recorded without it, loudly.
         if let Err(e) = hooks::on_bucket_closed(&ctx, &bucket).await {
-            tracing::warn!(error = %e, start, "analytics bucket hook failed");
+            let attempts = if self.hook_failures.0 == end {
+                self.hook_failures.1 + 1
+            } else {
+                1
+            };
+            self.hook_failures = (end, attempts);
+            if attempts < HOOK_ATTEMPTS {
+                tracing::warn!(error = %e, start, attempts, "analytics bucket hook failed; retrying");
+                return Err(e.context("analytics bucket hook"));
+            }
+            tracing::error!(error = %e, start, attempts, "analytics bucket hook failed; giving up on this bucket");
         }
         Ok(())
     }
@@ -397,6 +417,7 @@ pub async fn run_closer(
         consumers: HashMap::new(),
         stored: HashMap::new(),
         floors_read_at: 0,
+        hook_failures: (0, 0),
     };
     loop {
         tokio::select! {

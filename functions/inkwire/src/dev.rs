@@ -100,7 +100,18 @@ pub async fn run(addr: SocketAddr, data_dir: &Path) -> anyhow::Result<()> {
 
     let (trigger, shutdown) = ShutdownTrigger::new();
     let settings = match inkwire::Settings::from_env() {
-        Ok(s) => s,
+        Ok(mut s) => {
+            // Local development calls local services: the workflow HTTP action may reach
+            // loopback and private addresses here (never by default in `serve`), and files
+            // written by workflows stay with the dev data.
+            if std::env::var_os("INKWIRE_WORKFLOW_HTTP_ALLOW_PRIVATE").is_none() {
+                s.workflows.http_allow_private = true;
+            }
+            if std::env::var_os("INKWIRE_WORKFLOW_FILES_DIR").is_none() {
+                s.workflows.files_dir = data_dir.join("workflow-files");
+            }
+            s
+        }
         Err(e) => {
             if let Some(s) = servers {
                 s.stop().await;

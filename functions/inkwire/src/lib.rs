@@ -3,7 +3,8 @@
 //! scheduler, the notifications API with its notifier, scheduler, delivery worker and rules,
 //! co-editing (the y-websocket endpoint `/ws/docs/{id}` and its REST API), chat rooms, the
 //! client session store, user presence (its API and worker), the activity log (API,
-//! consumers and sweep) and analytics (API, counters and the bucket push), on one address. Used by `inkwire dev`, `inkwire serve`, the
+//! consumers and sweep), analytics (API, counters and the bucket push) and workflows (API,
+//! step workers and watcher), on one address. Used by `inkwire dev`, `inkwire serve`, the
 //! benchmarks and the end-to-end tests.
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use inkwire_presence::{PresenceApi, PresenceConfig, PresenceWorker};
 use inkwire_relay::{Relay, RelayConfig};
 use inkwire_shared::AppState;
 use inkwire_shared::consumer::Shutdown;
+use inkwire_workflows::{Engine as WorkflowEngine, WorkflowsConfig};
 use inkwire_writing::api::WritingApi;
 use inkwire_writing::state_machine::TrackerConfig;
 use inkwire_writing::tracker::Tracker;
@@ -67,6 +69,12 @@ pub struct Settings {
     /// Run no analytics worker in this process (its consumers and the bucket push wait for
     /// an `analytics-worker` elsewhere). How the tests run consumers they stop and restart.
     pub without_analytics_worker: bool,
+    /// The workflow engine: watcher timing, concurrency, the HTTP allow-list, the file
+    /// sandbox.
+    pub workflows: WorkflowsConfig,
+    /// Run no workflow step worker or watcher in this process (dispatches wait in the `WF`
+    /// stream for a `workflows-worker` elsewhere). How the tests crash and restart it.
+    pub without_workflows_worker: bool,
 }
 
 impl Settings {
@@ -88,6 +96,8 @@ impl Settings {
             without_activity_worker: false,
             analytics: AnalyticsConfig::from_env()?,
             without_analytics_worker: false,
+            workflows: WorkflowsConfig::from_env()?,
+            without_workflows_worker: false,
         })
     }
 }
@@ -102,7 +112,7 @@ pub struct Running {
 
 /// Builds the router and starts the background parts (relay stats responder, router
 /// consumers, writing tracker and scheduler, notifier and notification scheduler, presence
-/// worker, activity worker, analytics worker). They stop when `shutdown` is triggered.
+/// worker, activity worker, analytics worker, workflow runner). They stop when `shutdown` is triggered.
 pub async fn start(
     state: AppState,
     settings: Settings,
@@ -201,6 +211,16 @@ pub async fn start(
         )
         .boxed()
     });
+    let workflow_engine = WorkflowEngine::new(
+        state.js.clone(),
+        state.redis.clone(),
+        settings.workflows.clone(),
+    );
+    let workflows_task = tokio::spawn(if settings.without_workflows_worker {
+        futures::future::ready(Ok(())).boxed()
+    } else {
+        inkwire_workflows::run_worker(workflow_engine.clone(), shutdown.clone()).boxed()
+    });
     let rules_task = tokio::spawn(rules::run_rules(
         RulesWorker {
             js: state.js.clone(),
@@ -236,6 +256,7 @@ pub async fn start(
         app: state.clone(),
         config: Arc::new(settings.analytics),
     };
+    let workflows_state = state.clone();
     let router = inkwire_events::routes()
         .merge(inkwire_shared::http::health_routes())
         .with_state(state)
@@ -249,7 +270,11 @@ pub async fn start(
         .merge(inkwire_client_sessions::routes(client_sessions))
         .merge(inkwire_presence::routes(presence))
         .merge(inkwire_activity::routes(activity))
-        .merge(inkwire_analytics::routes(analytics));
+        .merge(inkwire_analytics::routes(analytics))
+        .merge(inkwire_workflows::routes(inkwire_workflows::WorkflowsApi {
+            app: workflows_state,
+            engine: workflow_engine,
+        }));
     Ok(Running {
         router: inkwire_shared::http::edge(router).layer(cors),
         relay,
@@ -264,6 +289,7 @@ pub async fn start(
             presence_task,
             activity_task,
             analytics_task,
+            workflows_task,
         ],
         coedit,
     })

@@ -7,15 +7,30 @@
 //! ([`dag::Dag`]: order, dependants, ready steps), input templating ([`template`]) and the
 //! next fire time of a cron trigger ([`cron::next_after`]). The six built-in templates live
 //! in `templates/*.json` and are available through [`templates`].
+//!
+//! The engine ([`engine`]) runs them durably: each ready step is a JetStream message on the
+//! `WF` stream, each attempt is fenced by a token in the run's Redis hash ([`store`]), a
+//! step's result and the release of its dependants are one script, and a watcher resumes
+//! whatever a crash left behind. [`actions`] holds the actions with effects, [`registry`]
+//! the registered versions, [`api`] the HTTP API under `/api/workflows`.
 
+pub mod actions;
+pub mod api;
+pub mod config;
 pub mod cron;
 pub mod dag;
 pub mod definition;
+pub mod engine;
+pub mod registry;
+pub mod store;
 pub mod template;
 pub mod validate;
 
+pub use api::{WorkflowsApi, routes};
+pub use config::WorkflowsConfig;
 pub use dag::Dag;
 pub use definition::{Action, Definition, Duration, OnError, Step, Trigger};
+pub use engine::{Engine, run_worker};
 pub use template::{RenderError, eval_condition, eval_expression, render_input};
 pub use validate::{DefinitionError, parse_definition};
 

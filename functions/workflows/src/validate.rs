@@ -856,7 +856,7 @@ fn filter_path(p: &str) -> bool {
 }
 
 /// A literal path of the file action: relative, and never climbing out of the sandbox.
-fn sandboxed_path(p: &str) -> Result<(), &'static str> {
+pub(crate) fn sandboxed_path(p: &str) -> Result<(), &'static str> {
     let b = p.as_bytes();
     if p.is_empty() {
         Err("must not be empty")

@@ -1,0 +1,535 @@
+//! The actions a step runs, each on its rendered input, answering the step's output or an
+//! [`ActionError`] that says whether another attempt may help.
+//!
+//! - `http` — a request; the output is `{status, headers, body}` (the body parsed as JSON when
+//!   it is JSON). 5xx, 429 and connection failures are retryable, other 4xx are not. Every
+//!   request carries `Idempotency-Key: {runId}:{stepId}`, the same on every attempt, so a
+//!   receiver that honours it applies a repeated request once. Addresses are checked after
+//!   resolution (by the client's resolver, so a name cannot resolve to a public address for
+//!   the check and a private one for the request): loopback, private, link-local, and other
+//!   non-public addresses are refused unless the host is in `INKWIRE_WORKFLOW_HTTP_ALLOW_HOSTS`
+//!   or `INKWIRE_WORKFLOW_HTTP_ALLOW_PRIVATE` is on (`inkwire dev`).
+//! - `redis` — `get`, `set`, `incr`, `hget`, `hset`, `hincrby`, `hgetall`, `del` on keys
+//!   inside the project's namespace `inkwire:wf:data:{projectId}:{key}`; no other command.
+//! - `file` — `read`, `write`, `list` inside the project's directory of the sandbox; paths
+//!   are relative and `..`-free (checked when the definition is registered and again here,
+//!   after rendering), and writes replace the file atomically (a temporary file renamed).
+//!
+//! `delay` and `condition` steer the run and are the engine's ([`crate::engine`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use serde_json::{Map, Value, json};
+
+use crate::config::WorkflowsConfig;
+
+/// Why an action failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionError {
+    /// Stable code (`http_503`, `timeout`, `address_not_allowed`, ...): what `nonRetryable`
+    /// lists match.
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl ActionError {
+    pub fn permanent(code: &str, message: impl Into<String>) -> ActionError {
+        ActionError {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    pub fn transient(code: &str, message: impl Into<String>) -> ActionError {
+        ActionError {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({"code": self.code, "message": self.message, "retryable": self.retryable})
+    }
+}
+
+/// What the actions need: clients and settings, shared by every step.
+#[derive(Clone)]
+pub struct ActionContext {
+    pub redis: ConnectionManager,
+    pub http: reqwest::Client,
+    pub config: Arc<WorkflowsConfig>,
+}
+
+impl ActionContext {
+    pub fn new(redis: ConnectionManager, config: Arc<WorkflowsConfig>) -> ActionContext {
+        let http = reqwest::Client::builder()
+            .dns_resolver(CheckedResolver {
+                allow_private: config.http_allow_private,
+                allow_hosts: config.http_allow_hosts.clone(),
+            })
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client without TLS settings builds");
+        ActionContext {
+            redis,
+            http,
+            config,
+        }
+    }
+}
+
+/// Where a step runs: its project and the key repeated attempts share.
+pub struct StepScope<'a> {
+    pub project: &'a str,
+    pub idempotency_key: &'a str,
+}
+
+fn input_str<'a>(input: &'a Value, key: &str) -> Result<&'a str, ActionError> {
+    input
+        .get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ActionError::permanent("invalid_input", format!("`{key}` must be a string")))
+}
+
+/// Text for a value that is written somewhere: strings as they are, anything else as JSON.
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+// ---- http ----
+
+/// Is `ip` an address on the public internet?
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64/10, carrier-grade NAT
+                || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18/15, benchmarking
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80) // link local
+        }
+    }
+}
+
+/// Resolves names and refuses non-public addresses (unless allowed).
+struct CheckedResolver {
+    allow_private: bool,
+    allow_hosts: Vec<String>,
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_ascii_lowercase();
+        let open = self.allow_private || self.allow_hosts.contains(&host);
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| open || is_public(a.ip()))
+                .collect();
+            if allowed.is_empty() {
+                return Err(format!("{host} resolves to no address this action may reach").into());
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+async fn http(
+    ctx: &ActionContext,
+    scope: &StepScope<'_>,
+    input: &Value,
+) -> Result<Value, ActionError> {
+    let url_text = input_str(input, "url")?;
+    let url = reqwest::Url::parse(url_text)
+        .map_err(|e| ActionError::permanent("invalid_input", format!("url: {e}")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(ActionError::permanent(
+            "invalid_input",
+            "url: must be http:// or https://",
+        ));
+    }
+    // Literal addresses skip the resolver: check them here.
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    let literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok();
+    if let Some(ip) = literal
+        && !is_public(ip)
+        && !ctx.config.http_allow_private
+        && !ctx.config.http_allow_hosts.contains(&host)
+    {
+        return Err(ActionError::permanent(
+            "address_not_allowed",
+            format!("{ip} is not a public address"),
+        ));
+    }
+    let method = input.get("method").and_then(Value::as_str).unwrap_or("GET");
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .map_err(|_| ActionError::permanent("invalid_input", "method: not an HTTP method"))?;
+    let mut req = ctx
+        .http
+        .request(method, url)
+        .header("idempotency-key", scope.idempotency_key);
+    if let Some(headers) = input.get("headers").and_then(Value::as_object) {
+        for (k, v) in headers {
+            req = req.header(k.as_str(), as_text(v));
+        }
+    }
+    if let Some(body) = input.get("body") {
+        req = match body {
+            Value::String(s) => req.body(s.clone()),
+            other => req.json(other),
+        };
+    }
+    let resp = req.send().await.map_err(|e| {
+        let text = e.to_string();
+        if text.contains("may reach") || format!("{e:?}").contains("may reach") {
+            ActionError::permanent("address_not_allowed", text)
+        } else if e.is_builder() {
+            ActionError::permanent("invalid_input", text)
+        } else {
+            ActionError::transient("http_unreachable", text)
+        }
+    })?;
+    let status = resp.status().as_u16();
+    let mut headers = Map::new();
+    for (k, v) in resp.headers() {
+        if let Ok(v) = v.to_str() {
+            headers.insert(k.as_str().to_string(), json!(v));
+        }
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| ActionError::transient("http_unreachable", e.to_string()))?;
+    if bytes.len() > MAX_BODY {
+        return Err(ActionError::permanent(
+            "response_too_large",
+            format!(
+                "the response body has {} bytes (at most {MAX_BODY})",
+                bytes.len()
+            ),
+        ));
+    }
+    let body = serde_json::from_slice::<Value>(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    if status >= 400 {
+        let code = format!("http_{status}");
+        let message = format!("{status} from {url_text}");
+        return Err(if status >= 500 || status == 429 || status == 408 {
+            ActionError::transient(&code, message)
+        } else {
+            ActionError::permanent(&code, message)
+        });
+    }
+    Ok(json!({"status": status, "headers": headers, "body": body}))
+}
+
+/// The largest response body kept as a step's output.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+// ---- redis ----
+
+fn data_key(project: &str, key: &str) -> Result<String, ActionError> {
+    if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+        return Err(ActionError::permanent(
+            "invalid_input",
+            "key: 1-200 characters, no control characters",
+        ));
+    }
+    Ok(format!("{}:data:{project}:{key}", crate::store::PREFIX))
+}
+
+async fn redis_op(
+    ctx: &ActionContext,
+    scope: &StepScope<'_>,
+    input: &Value,
+) -> Result<Value, ActionError> {
+    let op = input_str(input, "op")?;
+    let key = data_key(scope.project, input_str(input, "key")?)?;
+    let field = || input_str(input, "field").map(str::to_string);
+    let value = || {
+        input
+            .get("value")
+            .map(as_text)
+            .ok_or_else(|| ActionError::permanent("invalid_input", "`value` is required"))
+    };
+    let by = || match input.get("by") {
+        None => Ok(1),
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| ActionError::permanent("invalid_input", "`by` must be an integer")),
+    };
+    let mut r = ctx.redis.clone();
+    let err = |e: redis::RedisError| ActionError::transient("redis_unavailable", e.to_string());
+    let out = match op {
+        "get" => {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut r)
+                .await
+                .map_err(err)?;
+            json!({"value": v})
+        }
+        "set" => {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&key).arg(value()?);
+            if let Some(ttl) = input.get("ttlSeconds").and_then(Value::as_u64) {
+                cmd.arg("EX").arg(ttl.max(1));
+            }
+            cmd.query_async::<()>(&mut r).await.map_err(err)?;
+            json!({"ok": true})
+        }
+        "incr" => {
+            let v: i64 = redis::cmd("INCRBY")
+                .arg(&key)
+                .arg(by()?)
+                .query_async(&mut r)
+                .await
+                .map_err(err)?;
+            json!({"value": v})
+        }
+        "hget" => {
+            let v: Option<String> = redis::cmd("HGET")
+                .arg(&key)
+                .arg(field()?)
+                .query_async(&mut r)
+                .await
+                .map_err(err)?;
+            json!({"value": v})
+        }
+        "hset" => {
+            redis::cmd("HSET")
+                .arg(&key)
+                .arg(field()?)
+                .arg(value()?)
+                .query_async::<()>(&mut r)
+                .await
+                .map_err(err)?;
+            json!({"ok": true})
+        }
+        "hincrby" => {
+            let v: i64 = redis::cmd("HINCRBY")
+                .arg(&key)
+                .arg(field()?)
+                .arg(by()?)
+                .query_async(&mut r)
+                .await
+                .map_err(err)?;
+            json!({"value": v})
+        }
+        "hgetall" => {
+            let v: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut r)
+                .await
+                .map_err(err)?;
+            json!({"value": v})
+        }
+        "del" => {
+            let n: i64 = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut r)
+                .await
+                .map_err(err)?;
+            json!({"deleted": n})
+        }
+        other => {
+            return Err(ActionError::permanent(
+                "invalid_input",
+                format!(
+                    "op: {other:?} is not one of get, set, incr, hget, hset, hincrby, hgetall, del"
+                ),
+            ));
+        }
+    };
+    Ok(out)
+}
+
+// ---- file ----
+
+/// The project's directory in the sandbox joined with a checked relative path.
+fn sandbox_path(ctx: &ActionContext, project: &str, path: &str) -> Result<PathBuf, ActionError> {
+    crate::validate::sandboxed_path(path)
+        .map_err(|e| ActionError::permanent("invalid_path", format!("path: {e}")))?;
+    if path.len() > 512 {
+        return Err(ActionError::permanent(
+            "invalid_path",
+            "path: at most 512 bytes",
+        ));
+    }
+    Ok(ctx.config.files_dir.join(project).join(path))
+}
+
+async fn file(
+    ctx: &ActionContext,
+    scope: &StepScope<'_>,
+    input: &Value,
+) -> Result<Value, ActionError> {
+    let op = input_str(input, "op")?;
+    let path_text = input_str(input, "path")?;
+    let path = sandbox_path(ctx, scope.project, path_text)?;
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            ActionError::permanent("not_found", format!("{path_text}: not found"))
+        }
+        _ => ActionError::transient("io_error", format!("{path_text}: {e}")),
+    };
+    match op {
+        "read" => {
+            let bytes = tokio::fs::read(&path).await.map_err(io)?;
+            if bytes.len() > MAX_BODY {
+                return Err(ActionError::permanent(
+                    "file_too_large",
+                    format!("{path_text}: more than {MAX_BODY} bytes"),
+                ));
+            }
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let json = serde_json::from_str::<Value>(&text).ok();
+            Ok(json!({"path": path_text, "content": text, "json": json, "bytes": bytes.len()}))
+        }
+        "write" => {
+            let content = input
+                .get("content")
+                .map(as_text)
+                .ok_or_else(|| ActionError::permanent("invalid_input", "`content` is required"))?;
+            if content.len() > MAX_BODY * 8 {
+                return Err(ActionError::permanent(
+                    "file_too_large",
+                    "content: more than 8 MiB",
+                ));
+            }
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent).await.map_err(io)?;
+            }
+            // Atomic replace: a crash mid-write leaves the old file or the new one.
+            let tmp =
+                path.with_extension(format!("tmp-{}", scope.idempotency_key.replace(':', "-")));
+            tokio::fs::write(&tmp, content.as_bytes())
+                .await
+                .map_err(io)?;
+            tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+            Ok(json!({"path": path_text, "bytes": content.len()}))
+        }
+        "list" => {
+            let mut entries = Vec::new();
+            let mut dir = match tokio::fs::read_dir(&path).await {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(json!({"path": path_text, "entries": []}));
+                }
+                Err(e) => return Err(io(e)),
+            };
+            while let Some(e) = dir.next_entry().await.map_err(io)? {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.contains(".tmp-") {
+                    continue;
+                }
+                let is_dir = e.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
+                entries.push(json!({"name": name, "dir": is_dir}));
+                if entries.len() >= 1000 {
+                    break;
+                }
+            }
+            entries.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            Ok(json!({"path": path_text, "entries": entries}))
+        }
+        other => Err(ActionError::permanent(
+            "invalid_input",
+            format!("op: {other:?} is not one of read, write, list"),
+        )),
+    }
+}
+
+/// Runs an action with an effect (everything but `delay`, `condition` and `loop`).
+pub async fn run(
+    ctx: &ActionContext,
+    action: crate::Action,
+    scope: &StepScope<'_>,
+    input: &Value,
+) -> Result<Value, ActionError> {
+    use crate::Action;
+    match action {
+        Action::Http => http(ctx, scope, input).await,
+        Action::Redis => redis_op(ctx, scope, input).await,
+        Action::File => file(ctx, scope, input).await,
+        other => Err(ActionError::permanent(
+            "action_unavailable",
+            format!(
+                "the {} action is not available in this version of the engine",
+                other.name()
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_addresses() {
+        for a in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(!is_public(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn data_keys_are_namespaced_and_checked() {
+        assert_eq!(
+            data_key("p-1", "seen:a").unwrap(),
+            "inkwire:wf:data:p-1:seen:a"
+        );
+        assert!(data_key("p-1", "").is_err());
+        assert!(data_key("p-1", "a\nb").is_err());
+    }
+}

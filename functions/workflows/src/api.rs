@@ -1,0 +1,542 @@
+//! The workflows HTTP API (bearer token on every route, problem+json errors):
+//! - `POST /api/workflows/register` — a definition (`schemas/api/workflow-definition.json`);
+//!   `201` new, `200` the same version again unchanged, `400` listing every problem with its
+//!   JSON pointer, `409` a version that exists with other content or is not above the latest;
+//! - `GET /api/workflows?projectId=` — the workflows the caller may read;
+//! - `GET /api/workflows/{id}?version=` — a definition (the latest by default);
+//! - `POST /api/workflows/{id}/execute` — `{input?, version?, idempotencyKey?}` (or an
+//!   `Idempotency-Key` header) starts a run: `202 {runId, created}`; the same key answers
+//!   the same run;
+//! - `GET /api/workflows/{id}/executions?limit=&cursor=` — its runs, newest first;
+//! - `GET /api/workflows/executions/{runId}` — a run with every step's status, attempts,
+//!   input, output, error and timings;
+//! - `POST /api/workflows/executions/{runId}/cancel`.
+//!
+//! Who: a workflow belongs to its project; members (any role) read it and its runs, owners
+//! register, execute and cancel; `service` and `admin` tokens everything. A workflow or run
+//! the caller may not read is `404`, like one that does not exist.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use inkwire_shared::AppState;
+use inkwire_shared::auth::Caller;
+use inkwire_shared::http::JsonBody;
+use inkwire_shared::membership::{self, ProjectRole};
+use inkwire_shared::problem::{
+    Problem, checked_id, clip, dependency_failed, refuse_unknown_params,
+};
+use inkwire_shared::schema::FieldError;
+use serde_json::{Value, json};
+
+use crate::engine::{self, Engine, StartRequest, rfc3339};
+use crate::registry::{self, Registered};
+use crate::store::{self, status};
+use crate::validate::parse_definition;
+
+#[derive(Clone)]
+pub struct WorkflowsApi {
+    pub app: AppState,
+    pub engine: Engine,
+}
+
+impl axum::extract::FromRef<WorkflowsApi> for AppState {
+    fn from_ref(a: &WorkflowsApi) -> AppState {
+        a.app.clone()
+    }
+}
+
+pub fn routes(api: WorkflowsApi) -> Router {
+    Router::new()
+        .route("/api/workflows", get(list))
+        .route("/api/workflows/register", post(register))
+        .route("/api/workflows/{id}", get(show))
+        .route("/api/workflows/{id}/execute", post(execute))
+        .route("/api/workflows/{id}/executions", get(executions))
+        .route("/api/workflows/executions/{run}", get(run_view))
+        .route("/api/workflows/executions/{run}/cancel", post(cancel))
+        .with_state(api)
+}
+
+fn redis_err(e: impl std::fmt::Display) -> Problem {
+    dependency_failed("redis", e)
+}
+
+fn not_found(what: &str, id: &str) -> Problem {
+    let detail = format!("no {what} {id:?} you may read");
+    if what == "workflow" {
+        Problem::new(StatusCode::NOT_FOUND, "workflow_not_found", detail)
+    } else {
+        Problem::new(StatusCode::NOT_FOUND, "execution_not_found", detail)
+    }
+}
+
+/// The caller's right on a project's workflows: `Some(true)` manage, `Some(false)` read.
+async fn right(
+    api: &WorkflowsApi,
+    caller: &Caller,
+    project: &str,
+) -> Result<Option<bool>, Problem> {
+    if caller.is_privileged() {
+        return Ok(Some(true));
+    }
+    let mut redis = api.app.redis.clone();
+    let role = membership::role_of(&mut redis, project, &caller.user_id)
+        .await
+        .map_err(redis_err)?;
+    Ok(role.map(|r| r == ProjectRole::Owner))
+}
+
+async fn register(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, Problem> {
+    let definition = parse_definition(&body).map_err(|errors| {
+        Problem::validation(
+            errors
+                .into_iter()
+                .map(|e| FieldError {
+                    pointer: e.path,
+                    rule: "workflow".into(),
+                    kind: "definition".into(),
+                    message: e.message,
+                })
+                .collect(),
+        )
+    })?;
+    match right(&api, &caller, &definition.project_id).await? {
+        Some(true) => {}
+        Some(false) => {
+            return Err(Problem::forbidden(
+                "only the project's owners register its workflows",
+            ));
+        }
+        None => {
+            return Err(Problem::forbidden(format!(
+                "you are not a member of project {}",
+                definition.project_id
+            )));
+        }
+    }
+    let mut redis = api.app.redis.clone();
+    let outcome = registry::register(&mut redis, &definition)
+        .await
+        .map_err(redis_err)?;
+    let view = json!({"id": definition.id, "version": definition.version, "projectId": definition.project_id, "definition": definition});
+    match outcome {
+        Registered::Created => Ok((StatusCode::CREATED, Json(view)).into_response()),
+        Registered::Unchanged => Ok((StatusCode::OK, Json(view)).into_response()),
+        Registered::VersionTaken => Err(Problem::conflict(
+            "version_exists",
+            format!(
+                "version {} of {} is registered with other content; register version {} instead",
+                definition.version,
+                definition.id,
+                definition.version + 1
+            ),
+        )),
+        Registered::Stale { latest } => Err(Problem::conflict(
+            "version_not_newer",
+            format!(
+                "{} is at version {latest}; a new version must be higher",
+                definition.id
+            ),
+        )
+        .with_extension("latestVersion", latest)),
+        Registered::OtherProject { .. } => Err(Problem::conflict(
+            "workflow_id_taken",
+            format!(
+                "the workflow id {} is used by another project",
+                definition.id
+            ),
+        )),
+    }
+}
+
+async fn summary(api: &WorkflowsApi, id: &str) -> Result<Option<Value>, Problem> {
+    let mut redis = api.app.redis.clone();
+    let Some((latest, _)) = registry::latest(&mut redis, id).await.map_err(redis_err)? else {
+        return Ok(None);
+    };
+    let Some(d) = registry::load(&mut redis, id, latest)
+        .await
+        .map_err(redis_err)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(json!({
+        "id": d.id,
+        "latestVersion": latest,
+        "projectId": d.project_id,
+        "name": d.name,
+        "description": d.description,
+        "triggers": d.triggers,
+        "steps": d.steps.len(),
+    })))
+}
+
+async fn list(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, Problem> {
+    refuse_unknown_params(&params, &["projectId"])?;
+    let mut redis = api.app.redis.clone();
+    let projects: Vec<Option<String>> = match params.get("projectId") {
+        Some(p) => {
+            let p = checked_id("project", p)?;
+            if right(&api, &caller, p).await?.is_none() {
+                return Err(Problem::forbidden(format!(
+                    "you are not a member of project {p}"
+                )));
+            }
+            vec![Some(p.to_string())]
+        }
+        None if caller.is_privileged() => vec![None],
+        None => membership::projects_of(&mut redis, &caller.user_id)
+            .await
+            .map_err(redis_err)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for p in projects {
+        for id in registry::ids(&mut redis, p.as_deref())
+            .await
+            .map_err(redis_err)?
+        {
+            if let Some(s) = summary(&api, &id).await? {
+                out.push(s);
+            }
+        }
+    }
+    Ok(Json(json!({"workflows": out})))
+}
+
+/// The latest (or asked) version, if the caller may read it.
+async fn readable(
+    api: &WorkflowsApi,
+    caller: &Caller,
+    id: &str,
+    version: Option<u32>,
+) -> Result<(crate::Definition, bool), Problem> {
+    let mut redis = api.app.redis.clone();
+    let Some((latest, project)) = registry::latest(&mut redis, id).await.map_err(redis_err)? else {
+        return Err(not_found("workflow", id));
+    };
+    let Some(manage) = right(api, caller, &project).await? else {
+        return Err(not_found("workflow", id));
+    };
+    let v = version.unwrap_or(latest);
+    match registry::load(&mut redis, id, v).await.map_err(redis_err)? {
+        Some(d) => Ok((d, manage)),
+        None => Err(Problem::not_found(format!(
+            "{id} has no version {v} (latest: {latest})"
+        ))),
+    }
+}
+
+fn version_param(params: &HashMap<String, String>) -> Result<Option<u32>, Problem> {
+    match params.get("version") {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .map(Some)
+            .ok_or_else(|| {
+                Problem::bad_request(
+                    "invalid_parameter",
+                    format!("version: {:?} is not a version number", clip(v, 20)),
+                )
+            }),
+    }
+}
+
+async fn show(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, Problem> {
+    refuse_unknown_params(&params, &["version"])?;
+    let id = checked_id("workflow", &id)?;
+    let (d, _) = readable(&api, &caller, id, version_param(&params)?).await?;
+    Ok(Json(serde_json::to_value(&d).unwrap_or_default()))
+}
+
+async fn execute(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Path(id): Path<String>,
+    request: axum::extract::Request,
+) -> Result<Response, Problem> {
+    use axum::extract::FromRequest;
+    let id = checked_id("workflow", &id)?;
+    let headers: HeaderMap = request.headers().clone();
+    // No body (no content type, or an empty one) is `{}`: a run without input.
+    let empty = !headers.contains_key(axum::http::header::CONTENT_TYPE)
+        || headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|l| l.as_bytes() == b"0");
+    let body = if empty {
+        json!({})
+    } else {
+        JsonBody::from_request(request, &api).await?.0
+    };
+    let Some(obj) = body.as_object() else {
+        return Err(Problem::bad_request(
+            "invalid_body",
+            "the body must be a JSON object",
+        ));
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["input", "version", "idempotencyKey"].contains(&k.as_str()))
+    {
+        return Err(Problem::bad_request(
+            "invalid_body",
+            format!(
+                "unknown field {:?}; known: input, version, idempotencyKey",
+                clip(k, 64)
+            ),
+        ));
+    }
+    let version = match obj.get("version") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|v| (1..=u32::MAX as u64).contains(v))
+                .ok_or_else(|| {
+                    Problem::bad_request("invalid_body", "version: must be a version number")
+                })? as u32,
+        ),
+    };
+    let key = match (obj.get("idempotencyKey"), headers.get("idempotency-key")) {
+        (Some(Value::String(k)), _) => Some(k.clone()),
+        (Some(_), _) => {
+            return Err(Problem::bad_request(
+                "invalid_body",
+                "idempotencyKey: must be a string",
+            ));
+        }
+        (None, Some(h)) => Some(
+            h.to_str()
+                .map_err(|_| {
+                    Problem::bad_request("invalid_idempotency_key", "Idempotency-Key: not text")
+                })?
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(k) = &key
+        && !membership::is_valid_id(k)
+    {
+        return Err(Problem::bad_request(
+            "invalid_idempotency_key",
+            "the idempotency key must be 1-64 letters, digits, '_' or '-'",
+        ));
+    }
+    let input = obj.get("input").cloned().unwrap_or_else(|| json!({}));
+    if input.to_string().len() > crate::validate::MAX_INPUT_BYTES {
+        return Err(Problem::payload_too_large("input: at most 64 KiB"));
+    }
+    let (d, manage) = readable(&api, &caller, id, version).await?;
+    if !manage {
+        return Err(Problem::forbidden(
+            "only the project's owners run its workflows",
+        ));
+    }
+    let loaded = api
+        .engine
+        .definition(&d.id, d.version)
+        .await
+        .map_err(redis_err)?;
+    let trigger = json!({"kind": "manual", "input": input, "userId": caller.user_id, "projectId": d.project_id});
+    let (run, created) = engine::start_run(
+        &api.engine,
+        &loaded,
+        StartRequest {
+            trigger,
+            started_by: caller.user_id.clone(),
+            once: key,
+        },
+    )
+    .await
+    .map_err(redis_err)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"runId": run, "workflowId": d.id, "version": d.version, "created": created})),
+    )
+        .into_response())
+}
+
+async fn executions(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, Problem> {
+    refuse_unknown_params(&params, &["limit", "cursor"])?;
+    let id = checked_id("workflow", &id)?;
+    readable(&api, &caller, id, None).await?;
+    let limit = match params.get("limit") {
+        None => 20,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=100).contains(l))
+            .ok_or_else(|| Problem::bad_request("invalid_parameter", "limit: 1 to 100"))?,
+    };
+    let offset = match params.get("cursor") {
+        None => 0,
+        Some(c) => c.parse::<usize>().map_err(|_| {
+            Problem::bad_request("invalid_parameter", "cursor: not a cursor from this list")
+        })?,
+    };
+    let mut redis = api.app.redis.clone();
+    let runs: Vec<String> = redis::cmd("ZREVRANGE")
+        .arg(store::runs_key(id))
+        .arg(offset)
+        .arg(offset + limit)
+        .query_async(&mut redis)
+        .await
+        .map_err(redis_err)?;
+    let more = runs.len() > limit;
+    let mut out = Vec::new();
+    for r in runs.iter().take(limit) {
+        if let Some(v) = run_json(&api, r, false).await? {
+            out.push(v);
+        }
+    }
+    Ok(Json(json!({
+        "executions": out,
+        "nextCursor": if more { Some((offset + limit).to_string()) } else { None },
+    })))
+}
+
+/// A run as the API shows it (`steps` only when `full`).
+async fn run_json(api: &WorkflowsApi, run: &str, full: bool) -> Result<Option<Value>, Problem> {
+    let mut redis = api.app.redis.clone();
+    let fields: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(store::run_key(run))
+        .query_async(&mut redis)
+        .await
+        .map_err(redis_err)?;
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
+    let parse = |k: &str| {
+        fields
+            .get(k)
+            .and_then(|v| serde_json::from_str::<Value>(v).ok())
+    };
+    let wf = fields.get("wf").cloned().unwrap_or_default();
+    let ver = num("ver").unwrap_or(0) as u32;
+    let mut v = json!({
+        "runId": run,
+        "workflowId": wf,
+        "version": ver,
+        "projectId": fields.get("project"),
+        "status": fields.get("status"),
+        "startedBy": fields.get("by"),
+        "startedAt": num("started").map(rfc3339),
+        "endedAt": num("ended").map(rfc3339),
+        "durationMs": num("ended").zip(num("started")).map(|(e, s)| e.saturating_sub(s)),
+        "error": parse("error"),
+    });
+    if full {
+        v["trigger"] = parse("trigger").unwrap_or(Value::Null);
+        let loaded = api.engine.definition(&wf, ver).await.map_err(redis_err)?;
+        let steps: Vec<Value> = loaded
+            .definition
+            .steps
+            .iter()
+            .map(|s| {
+                let id = &s.id;
+                let t0 = num(&format!("t0:{id}"));
+                let t1 = num(&format!("t1:{id}"));
+                let status = fields.get(&format!("st:{id}")).cloned().unwrap_or_default();
+                json!({
+                    "id": id,
+                    "action": s.action.name(),
+                    "dependsOn": s.depends_on,
+                    "status": status,
+                    "attempts": num(&format!("at:{id}")).unwrap_or(0),
+                    "input": parse(&format!("in:{id}")),
+                    "output": parse(&format!("out:{id}")),
+                    "error": parse(&format!("err:{id}")),
+                    "startedAt": t0.map(rfc3339),
+                    "endedAt": t1.map(rfc3339),
+                    "durationMs": t1.zip(t0).map(|(e, s)| e.saturating_sub(s)),
+                    "nextAttemptAt": (status == "ready").then(|| num(&format!("rd:{id}")).map(rfc3339)).flatten(),
+                    "waitingUntil": (status == "waiting").then(|| num(&format!("wu:{id}")).map(rfc3339)).flatten(),
+                })
+            })
+            .collect();
+        v["steps"] = json!(steps);
+    }
+    Ok(Some(v))
+}
+
+/// The run's project, if the caller may read it (`Some(manage)`).
+async fn run_right(api: &WorkflowsApi, caller: &Caller, run: &str) -> Result<bool, Problem> {
+    let mut redis = api.app.redis.clone();
+    let project: Option<String> = redis::cmd("HGET")
+        .arg(store::run_key(run))
+        .arg("project")
+        .query_async(&mut redis)
+        .await
+        .map_err(redis_err)?;
+    let Some(project) = project else {
+        return Err(not_found("execution", run));
+    };
+    right(api, caller, &project)
+        .await?
+        .ok_or_else(|| not_found("execution", run))
+}
+
+async fn run_view(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Path(run): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    let run = checked_id("execution", &run)?;
+    run_right(&api, &caller, run).await?;
+    run_json(&api, run, true)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found("execution", run))
+}
+
+async fn cancel(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Path(run): Path<String>,
+) -> Result<Response, Problem> {
+    let run = checked_id("execution", &run)?;
+    if !run_right(&api, &caller, run).await? {
+        return Err(Problem::forbidden(
+            "only the project's owners cancel its runs",
+        ));
+    }
+    let before = engine::cancel(&api.engine, run, &caller.user_id)
+        .await
+        .map_err(redis_err)?;
+    if before != status::RUNNING {
+        return Err(Problem::conflict(
+            "execution_ended",
+            format!("the run has already ended ({before})"),
+        )
+        .with_extension("status", before));
+    }
+    let view = run_json(&api, run, true).await?;
+    Ok((StatusCode::OK, Json(view.unwrap_or(Value::Null))).into_response())
+}

@@ -1,0 +1,1001 @@
+//! The engine: runs start, steps are dispatched as durable JetStream messages, workers run
+//! them, and a watcher makes sure no run is ever left behind.
+//!
+//! **A step's life.** When a step is ready it is published to `wf.step.{runId}.{stepId}`
+//! (message id `wf:{runId}:{stepId}:{attempt}`, so a repeated dispatch is stored once). A
+//! worker takes it from the `WF` stream (the `workflow-steps` consumer; steps of one run
+//! run in parallel, one subject per step), claims the attempt with the `START` script (a
+//! fresh token and a lease of the step's timeout plus a margin), renders the input, runs the
+//! action, and ends the attempt with one script: `FINISH` stores the output and releases the
+//! dependants in the same step; `SUSPEND` puts the step back for a retry after its backoff,
+//! or parks a delay until it ends. Only then is the message acked, after the released steps
+//! were published.
+//!
+//! **Fencing.** JetStream accepts an ack that arrives after the ack wait (nats-server #4786)
+//! and redelivers meanwhile, so a message alone says nothing about who owns a step. The
+//! token does: `START` hands it out only to an attempt that is ready, or whose holder's
+//! lease ran out, and every later script checks it, so a stalled worker's late result is
+//! dropped (`stale`) and cannot complete a step twice or release its dependants twice.
+//! An action is repeated only when its worker died (or stalled past its lease) before the
+//! result was stored; the HTTP action sends the same `Idempotency-Key` on every attempt for
+//! that case.
+//!
+//! **The watcher** (every `INKWIRE_WORKFLOW_WATCH_INTERVAL`, in every instance, claiming runs
+//! from the `inkwire:wf:watch` due queue) looks at each run that is due: a ready step older
+//! than the grace (its dispatch was lost in a crash between the script and the publish) or
+//! whose backoff ended is dispatched, a delay that ended is dispatched, a running step whose
+//! lease ran out is dispatched again (the next `START` takes it over), and a run that ended
+//! gets its final event published. So no run stays "running" after a crash: every step is
+//! either done or owned by a live attempt, and the run ends when its steps do.
+//!
+//! **Cancel** marks the run cancelled and every step not started; an attempt running sees
+//! it at its next await point (the status is read every 250 ms while an action runs) and
+//! stops, its result discarded.
+//!
+//! Events: `automation.workflow_started` when a run starts, `automation.action_executed` for
+//! each step that ends (succeeded, failed, skipped by a condition is not an action),
+//! `automation.workflow_completed` / `workflow_failed` when the run ends; their ids derive
+//! from the run and step, so a repeat after a crash is stored once. Each step's progress is
+//! pushed to `project:{id}` as a `workflow_update` frame.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use bytes::Bytes;
+use inkwire_shared::channels::{self, Channel, ChannelKind, MessageType};
+use inkwire_shared::consumer::{self, ConsumerSpec, Delivery, HandlerError, Shutdown};
+use inkwire_shared::due_queue::DueQueue;
+use inkwire_shared::events::{Category, Event};
+use inkwire_shared::jetstream::{self, Outgoing};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::actions::{self, ActionContext, ActionError, StepScope};
+use crate::config::WorkflowsConfig;
+use crate::definition::{Action, Definition, OnError, Step, is_identifier};
+use crate::store::{self, status, step_status};
+use crate::template::{eval_condition, render_input};
+use crate::{Dag, registry};
+
+/// The stream of step dispatches.
+pub const STREAM: &str = inkwire_shared::subjects::WF_STREAM;
+/// Its subjects' prefix: `wf.step.{runId}.{stepId}`.
+pub const STEP_PREFIX: &str = "wf.step";
+/// The durable consumer that runs steps.
+pub const CONSUMER: &str = "workflow-steps";
+/// How often a running action checks whether its run was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(250);
+
+pub fn step_subject(run: &str, step: &str) -> String {
+    format!("{STEP_PREFIX}.{run}.{step}")
+}
+
+/// A dispatch: run this attempt of this step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Dispatch {
+    pub run: String,
+    pub step: String,
+    pub attempt: u32,
+    /// When the step became ready (ms): for the dispatch latency figure.
+    #[serde(default)]
+    pub ready_at: u64,
+}
+
+pub fn now_ms() -> u64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+/// A definition with its graph, as the engine keeps it (versions never change: cached).
+pub struct Loaded {
+    pub definition: Definition,
+    pub dag: Dag,
+}
+
+impl Loaded {
+    pub fn step(&self, id: &str) -> Option<&Step> {
+        self.definition.steps.iter().find(|s| s.id == id)
+    }
+}
+
+/// Loaded definitions by (id, version).
+type DefinitionCache = Arc<Mutex<HashMap<(String, u32), Arc<Loaded>>>>;
+
+/// The engine's shared parts.
+#[derive(Clone)]
+pub struct Engine {
+    pub js: Context,
+    pub redis: ConnectionManager,
+    pub config: Arc<WorkflowsConfig>,
+    pub actions: ActionContext,
+    definitions: DefinitionCache,
+    /// Step dispatch latencies (ready → handler start, µs) when a bench asks for them.
+    pub latencies: Option<Arc<Mutex<Vec<u64>>>>,
+}
+
+impl Engine {
+    pub fn new(js: Context, redis: ConnectionManager, config: WorkflowsConfig) -> Engine {
+        let config = Arc::new(config);
+        Engine {
+            actions: ActionContext::new(redis.clone(), config.clone()),
+            js,
+            redis,
+            config,
+            definitions: Arc::default(),
+            latencies: None,
+        }
+    }
+
+    /// A version of a definition (from the cache, or Redis once).
+    pub async fn definition(&self, id: &str, version: u32) -> anyhow::Result<Arc<Loaded>> {
+        if let Some(d) = self
+            .definitions
+            .lock()
+            .unwrap()
+            .get(&(id.to_string(), version))
+        {
+            return Ok(d.clone());
+        }
+        let mut redis = self.redis.clone();
+        let definition = registry::load(&mut redis, id, version)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("workflow {id} version {version} is not registered"))?;
+        let dag = Dag::new(&definition).map_err(|e| anyhow::anyhow!(e))?;
+        let loaded = Arc::new(Loaded { definition, dag });
+        self.definitions
+            .lock()
+            .unwrap()
+            .insert((id.to_string(), version), loaded.clone());
+        Ok(loaded)
+    }
+
+    async fn dispatch(&self, d: &Dispatch, msg_id: String) -> anyhow::Result<()> {
+        jetstream::publish(
+            &self.js,
+            Outgoing {
+                subject: step_subject(&d.run, &d.step),
+                msg_id,
+                payload: Bytes::from(serde_json::to_vec(d)?),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("dispatching {}/{}: {e}", d.run, d.step))?;
+        Ok(())
+    }
+
+    async fn dispatch_ready(
+        &self,
+        run: &str,
+        steps: &[String],
+        attempt: u32,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let publishes = steps.iter().map(|s| {
+            let d = Dispatch {
+                run: run.to_string(),
+                step: s.clone(),
+                attempt,
+                ready_at: now,
+            };
+            async move {
+                self.dispatch(&d, format!("wf:{run}:{}:{attempt}", d.step))
+                    .await
+            }
+        });
+        for r in futures::future::join_all(publishes).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn publish_event(&self, event: Event) -> anyhow::Result<()> {
+        jetstream::publish(
+            &self.js,
+            Outgoing {
+                subject: event.subject(),
+                msg_id: event.id.to_string(),
+                payload: Bytes::from(serde_json::to_vec(&event)?),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("automation event not published: {e}"))?;
+        Ok(())
+    }
+
+    /// Pushes a run's progress to its project's channel (best effort: the run's state is in
+    /// Redis; a lost frame is only a late screen).
+    async fn push_progress(&self, project: &str, data: Value) {
+        let id = format!(
+            "wf:{}:{}:{}:{}",
+            data["runId"].as_str().unwrap_or(""),
+            data["stepId"].as_str().unwrap_or("-"),
+            data["status"].as_str().unwrap_or(""),
+            data["attempt"].as_u64().unwrap_or(0)
+        );
+        let channel = Channel::new(ChannelKind::Project, project);
+        if let Err(e) =
+            channels::publish(&self.js, &channel, MessageType::WorkflowUpdate, &data, id).await
+        {
+            tracing::debug!(error = %e, "workflow progress not pushed");
+        }
+    }
+}
+
+fn event_id(parts: &str) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("inkwire-wf/{parts}").as_bytes(),
+    )
+}
+
+/// How a run was started.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// What templates read as `trigger`.
+    pub trigger: Value,
+    /// Who started it (a user, `service`, or `scheduler`).
+    pub started_by: String,
+    /// An idempotency key or a triggering event's id: one run per key.
+    pub once: Option<String>,
+}
+
+/// Starts a run of `loaded`; answers the run id and whether this call created it (false:
+/// the key had started it before).
+pub async fn start_run(
+    engine: &Engine,
+    loaded: &Loaded,
+    request: StartRequest,
+) -> anyhow::Result<(String, bool)> {
+    let def = &loaded.definition;
+    let run = Uuid::now_v7().simple().to_string();
+    let now = now_ms();
+    let mut fields: Vec<(String, String)> = vec![
+        ("status".into(), status::RUNNING.into()),
+        ("wf".into(), def.id.clone()),
+        ("ver".into(), def.version.to_string()),
+        ("project".into(), def.project_id.clone()),
+        ("trigger".into(), request.trigger.to_string()),
+        ("by".into(), request.started_by.clone()),
+        ("started".into(), now.to_string()),
+        ("left".into(), def.steps.len().to_string()),
+    ];
+    let mut roots = Vec::new();
+    for s in &def.steps {
+        let id = &s.id;
+        let root = s.depends_on.is_empty();
+        fields.push((
+            format!("st:{id}"),
+            if root {
+                step_status::READY
+            } else {
+                step_status::PENDING
+            }
+            .into(),
+        ));
+        fields.push((format!("at:{id}"), if root { "1" } else { "0" }.into()));
+        if root {
+            fields.push((format!("rd:{id}"), now.to_string()));
+            roots.push(id.clone());
+        }
+        fields.push((format!("deps:{id}"), s.depends_on.join(",")));
+        fields.push((format!("kids:{id}"), loaded.dag.dependants(id).join(",")));
+    }
+    let run_key = store::run_key(&run);
+    let once_key = match &request.once {
+        Some(k) => store::once_key(&def.id, k),
+        None => run_key.clone(),
+    };
+    let mut invocation = store::create_script().prepare_invoke();
+    invocation
+        .key(&run_key)
+        .key(store::watch_key())
+        .key(store::runs_key(&def.id))
+        .key(&once_key)
+        .arg(&run)
+        .arg(now)
+        .arg(now + engine.config.watch_grace.as_millis() as u64)
+        .arg(&def.id);
+    for (f, v) in &fields {
+        invocation.arg(f).arg(v);
+    }
+    let mut redis = engine.redis.clone();
+    let answered: String = invocation.invoke_async(&mut redis).await?;
+    if answered != run {
+        return Ok((answered, false));
+    }
+    let started = Event::builder(
+        Category::Automation,
+        "workflow_started",
+        &request.started_by,
+    )
+    .id(event_id(&format!("{run}/started")))
+    .project(&def.project_id)
+    .source("workflows")
+    .correlation(&run)
+    .data(json!({
+        "workflowId": def.id,
+        "executionId": run,
+        "version": def.version,
+        "trigger": trigger_kind(&request.trigger),
+    }))
+    .build();
+    // The run exists from here on; the event and the first dispatches are also redone by the
+    // watcher if this process stops now (the event id dedupes).
+    if let Err(e) = engine.publish_event(started).await {
+        tracing::warn!(error = %e, run, "workflow_started not published");
+    }
+    engine
+        .push_progress(
+            &def.project_id,
+            json!({"kind": "workflow", "runId": run, "workflowId": def.id, "status": "running"}),
+        )
+        .await;
+    if let Err(e) = engine.dispatch_ready(&run, &roots, 1).await {
+        tracing::warn!(error = %e, run, "first steps not dispatched; the watcher will");
+    }
+    Ok((run, true))
+}
+
+fn trigger_kind(trigger: &Value) -> &str {
+    trigger
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("event")
+}
+
+/// The run's hash, read once per step attempt.
+async fn read_run(
+    redis: &mut ConnectionManager,
+    run: &str,
+) -> redis::RedisResult<HashMap<String, String>> {
+    redis::cmd("HGETALL")
+        .arg(store::run_key(run))
+        .query_async(redis)
+        .await
+}
+
+/// `{"trigger", "run", "steps": {id: {status, output, error}}}` for templates.
+pub fn template_context(run_id: &str, fields: &HashMap<String, String>) -> Value {
+    let parse = |k: &str| {
+        fields
+            .get(k)
+            .and_then(|v| serde_json::from_str::<Value>(v).ok())
+            .unwrap_or(Value::Null)
+    };
+    let mut steps = Map::new();
+    for (k, v) in fields {
+        if let Some(id) = k.strip_prefix("st:") {
+            steps.insert(
+                id.to_string(),
+                json!({
+                    "status": v,
+                    "output": parse(&format!("out:{id}")),
+                    "error": parse(&format!("err:{id}")),
+                }),
+            );
+        }
+    }
+    json!({
+        "trigger": parse("trigger"),
+        "run": {"id": run_id, "workflowId": fields.get("wf"), "projectId": fields.get("project")},
+        "steps": steps,
+    })
+}
+
+/// The wait before attempt `next` (2, 3, ...) of a step: exponential, capped, with up to half
+/// taken off at random when `jitter` is on.
+pub fn backoff(step: &Step, next: u32) -> Duration {
+    let r = &step.retry;
+    let base = r.initial_interval.0.as_secs_f64()
+        * r.backoff_coefficient.powi(next.saturating_sub(2) as i32);
+    let capped = base.min(r.max_interval.0.as_secs_f64()).max(0.0);
+    let d = Duration::from_secs_f64(capped);
+    if r.jitter {
+        let unit = (Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0;
+        d - d.mul_f64(unit / 2.0)
+    } else {
+        d
+    }
+}
+
+/// What one attempt produced.
+enum Outcome {
+    Succeeded {
+        output: Value,
+        skip: Vec<String>,
+    },
+    Failed(ActionError),
+    /// A delay that has not ended yet: park until `until`.
+    Wait {
+        until: u64,
+    },
+    /// The run was cancelled (or ended) while the action ran: nothing to store.
+    Abandoned,
+}
+
+/// Handles one dispatch (the consumer's handler).
+pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerError> {
+    let d: Dispatch = serde_json::from_slice(&delivery.payload)
+        .map_err(|e| HandlerError::Permanent(format!("not a step dispatch: {e}")))?;
+    if !is_identifier(&d.run) || !is_identifier(&d.step) || d.attempt == 0 {
+        return Err(HandlerError::Permanent(
+            "a step dispatch with bad ids".into(),
+        ));
+    }
+    let retry = |e: String| HandlerError::Retry(e);
+    let mut redis = engine.redis.clone();
+    let fields = read_run(&mut redis, &d.run)
+        .await
+        .map_err(|e| retry(e.to_string()))?;
+    let (Some(wf), Some(ver), Some(project)) = (
+        fields.get("wf"),
+        fields.get("ver").and_then(|v| v.parse::<u32>().ok()),
+        fields.get("project").cloned(),
+    ) else {
+        return Ok(()); // a run that no longer exists
+    };
+    let loaded = engine
+        .definition(wf, ver)
+        .await
+        .map_err(|e| retry(e.to_string()))?;
+    let Some(step) = loaded.step(&d.step) else {
+        return Err(HandlerError::Permanent(format!(
+            "no step {} in {wf} v{ver}",
+            d.step
+        )));
+    };
+    let token = Uuid::new_v4().simple().to_string();
+    let now = now_ms();
+    let lease_until =
+        now + step.timeout.as_millis() + engine.config.lease_margin.as_millis() as u64;
+    let (verdict, from): (String, String) = store::start_script()
+        .key(store::run_key(&d.run))
+        .arg(&d.step)
+        .arg(d.attempt)
+        .arg(&token)
+        .arg(now)
+        .arg(lease_until)
+        .invoke_async(&mut redis)
+        .await
+        .map_err(|e| retry(e.to_string()))?;
+    if verdict != "ok" {
+        tracing::debug!(
+            run = d.run,
+            step = d.step,
+            verdict,
+            from,
+            "dispatch dropped"
+        );
+        return Ok(());
+    }
+    if let (Some(lat), true) = (&engine.latencies, d.ready_at > 0 && d.attempt == 1) {
+        let us = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000
+            - d.ready_at as i128 * 1_000;
+        lat.lock().unwrap().push(us.max(0) as u64);
+    }
+    // Later fields (other steps' outputs) were read before START: fine, a step reads only its
+    // ancestors, which finished before it was released.
+    let context = template_context(&d.run, &fields);
+    let started = now_ms();
+    let mut rendered = Value::Null;
+    let outcome = match render_input(&step.input, &context) {
+        Err(e) => Outcome::Failed(ActionError::permanent("template_error", e.to_string())),
+        Ok(input) => {
+            rendered = input.clone();
+            run_step(
+                engine,
+                &d,
+                step,
+                &project,
+                &input,
+                from == step_status::WAITING,
+                &fields,
+            )
+            .await
+        }
+    };
+    let elapsed = now_ms().saturating_sub(started);
+    finish(
+        engine, &loaded, &d, step, &project, &token, outcome, rendered, elapsed,
+    )
+    .await
+    .map_err(|e| retry(e.to_string()))
+}
+
+/// Runs the step's action under its timeout, watching for a cancel.
+async fn run_step(
+    engine: &Engine,
+    d: &Dispatch,
+    step: &Step,
+    project: &str,
+    input: &Value,
+    resumed: bool,
+    fields: &HashMap<String, String>,
+) -> Outcome {
+    match step.action {
+        Action::Condition => {
+            let expr = input.get("if").and_then(Value::as_str).unwrap_or("false");
+            let context = template_context(&d.run, fields);
+            match eval_condition(expr, &context) {
+                Ok(result) => {
+                    let not_taken = if result { "else" } else { "then" };
+                    let skip = step.input[not_taken]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Outcome::Succeeded {
+                        output: json!({"result": result, "branch": if result { "then" } else { "else" }}),
+                        skip,
+                    }
+                }
+                Err(e) => Outcome::Failed(ActionError::permanent("template_error", e.to_string())),
+            }
+        }
+        Action::Delay => {
+            if resumed {
+                return Outcome::Succeeded {
+                    output: json!({"waitedUntil": fields.get(&format!("wu:{}", d.step)).and_then(|v| v.parse::<u64>().ok()).map(rfc3339)}),
+                    skip: Vec::new(),
+                };
+            }
+            match delay_until(input) {
+                Ok(until) if until <= now_ms() => Outcome::Succeeded {
+                    output: json!({"waitedUntil": rfc3339(until)}),
+                    skip: Vec::new(),
+                },
+                Ok(until) => Outcome::Wait { until },
+                Err(e) => Outcome::Failed(e),
+            }
+        }
+        Action::Loop => Outcome::Failed(ActionError::permanent(
+            "action_unavailable",
+            "the loop action is not available in this version of the engine",
+        )),
+        action => {
+            let key = format!("{}:{}", d.run, d.step);
+            let scope = StepScope {
+                project,
+                idempotency_key: &key,
+            };
+            let work = actions::run(&engine.actions, action, &scope, input);
+            let timeout = tokio::time::sleep(step.timeout.0);
+            let cancelled = watch_cancel(engine.redis.clone(), &d.run);
+            tokio::select! {
+                r = work => match r {
+                    Ok(output) => Outcome::Succeeded { output, skip: Vec::new() },
+                    Err(e) => Outcome::Failed(e),
+                },
+                _ = timeout => Outcome::Failed(ActionError::transient(
+                    "timeout",
+                    format!("no result within {}", step.timeout),
+                )),
+                _ = cancelled => Outcome::Abandoned,
+            }
+        }
+    }
+}
+
+/// Resolves when the run is no longer running (cancelled, or failed by another branch).
+async fn watch_cancel(mut redis: ConnectionManager, run: &str) {
+    let key = store::run_key(run);
+    loop {
+        tokio::time::sleep(CANCEL_POLL).await;
+        let s: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("status")
+            .query_async(&mut redis)
+            .await
+            .unwrap_or(Some(status::RUNNING.into()));
+        if s.as_deref() != Some(status::RUNNING) {
+            return;
+        }
+    }
+}
+
+fn delay_until(input: &Value) -> Result<u64, ActionError> {
+    if let Some(d) = input.get("duration") {
+        let text = d.as_str().unwrap_or_default();
+        let d = crate::definition::parse_duration(text)
+            .map_err(|e| ActionError::permanent("invalid_input", format!("duration: {e}")))?;
+        return Ok(now_ms() + d.as_millis());
+    }
+    let text = input
+        .get("until")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| ActionError::permanent("invalid_input", "until: not an RFC 3339 time"))?;
+    Ok((at.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+}
+
+pub fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Stores an attempt's outcome, then publishes what follows from it.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    engine: &Engine,
+    loaded: &Loaded,
+    d: &Dispatch,
+    step: &Step,
+    project: &str,
+    token: &str,
+    outcome: Outcome,
+    rendered: Value,
+    elapsed_ms: u64,
+) -> anyhow::Result<()> {
+    let mut redis = engine.redis.clone();
+    let run_key = store::run_key(&d.run);
+    let lease_key = store::watch_lease_key(&d.run);
+    let now = now_ms();
+    let (succeeded, output, error, skip) = match outcome {
+        Outcome::Abandoned => return Ok(()),
+        Outcome::Wait { until } => {
+            let _: String = store::suspend_script()
+                .key(&run_key)
+                .key(store::watch_key())
+                .key(&lease_key)
+                .arg(&d.step)
+                .arg(token)
+                .arg(step_status::WAITING)
+                .arg(d.attempt)
+                .arg(until)
+                .arg("")
+                .arg(&d.run)
+                .invoke_async(&mut redis)
+                .await?;
+            engine
+                .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": "waiting", "attempt": d.attempt, "until": rfc3339(until)}))
+                .await;
+            return Ok(());
+        }
+        Outcome::Succeeded { output, skip } => (true, output, None, skip),
+        Outcome::Failed(e) => {
+            let retryable = e.retryable
+                && d.attempt < step.retry.max_attempts
+                && !step
+                    .retry
+                    .non_retryable
+                    .iter()
+                    .any(|c| *c == e.code || e.message.contains(c.as_str()));
+            let mut err = e.to_json();
+            err["attempt"] = json!(d.attempt);
+            if retryable {
+                let next = d.attempt + 1;
+                let at = now + backoff(step, next).as_millis() as u64;
+                let _: String = store::suspend_script()
+                    .key(&run_key)
+                    .key(store::watch_key())
+                    .key(&lease_key)
+                    .arg(&d.step)
+                    .arg(token)
+                    .arg(step_status::READY)
+                    .arg(next)
+                    .arg(at)
+                    .arg(err.to_string())
+                    .arg(&d.run)
+                    .invoke_async(&mut redis)
+                    .await?;
+                engine
+                    .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": "retrying", "attempt": d.attempt, "error": err, "nextAttemptAt": rfc3339(at)}))
+                    .await;
+                return Ok(());
+            }
+            (false, Value::Null, Some(err), Vec::new())
+        }
+    };
+    let strategy = match step.on_error {
+        OnError::Continue => "continue",
+        _ => "fail",
+    };
+    let mut invocation = store::finish_script().prepare_invoke();
+    invocation
+        .key(&run_key)
+        .key(store::watch_key())
+        .key(&lease_key)
+        .arg(&d.step)
+        .arg(token)
+        .arg(if succeeded {
+            step_status::SUCCEEDED
+        } else {
+            step_status::FAILED
+        })
+        .arg(strategy)
+        .arg(now)
+        .arg(now + engine.config.watch_grace.as_millis() as u64)
+        .arg(if succeeded {
+            output.to_string()
+        } else {
+            String::new()
+        })
+        .arg(error.as_ref().map(Value::to_string).unwrap_or_default())
+        .arg(if rendered.is_null() {
+            String::new()
+        } else {
+            rendered.to_string()
+        })
+        .arg(&d.run);
+    for s in &skip {
+        invocation.arg(s);
+    }
+    let answer: Vec<String> = invocation.invoke_async(&mut redis).await?;
+    let Some((run_status, ready)) = answer.split_first() else {
+        return Ok(());
+    };
+    if run_status == "stale" {
+        return Ok(());
+    }
+    engine.dispatch_ready(&d.run, ready, 1).await?;
+    let status_text = if succeeded { "succeeded" } else { "failed" };
+    if step.action != Action::Condition {
+        let event = Event::builder(Category::Automation, "action_executed", "workflows")
+            .id(event_id(&format!("{}/{}/{}", d.run, d.step, d.attempt)))
+            .project(project)
+            .source("workflows")
+            .correlation(&d.run)
+            .data(json!({
+                "workflowId": loaded.definition.id,
+                "executionId": d.run,
+                "actionId": d.step,
+                "actionType": step.action.name(),
+                "status": status_text,
+                "durationMs": elapsed_ms,
+                "attempt": d.attempt,
+            }))
+            .build();
+        engine.publish_event(event).await?;
+    }
+    engine
+        .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": status_text, "attempt": d.attempt, "output": output, "error": error}))
+        .await;
+    if status::is_terminal(run_status) {
+        run_ended(engine, &d.run).await?;
+    }
+    Ok(())
+}
+
+/// Publishes a run's final event (once: the id derives from the run) and its last frame.
+pub async fn run_ended(engine: &Engine, run: &str) -> anyhow::Result<()> {
+    let mut redis = engine.redis.clone();
+    let fields = read_run(&mut redis, run).await?;
+    let run_status = fields.get("status").map(String::as_str).unwrap_or_default();
+    if !status::is_terminal(run_status) || fields.contains_key("announced") {
+        return Ok(());
+    }
+    let project = fields.get("project").cloned().unwrap_or_default();
+    let wf = fields.get("wf").cloned().unwrap_or_default();
+    let num = |k: &str| {
+        fields
+            .get(k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let duration = num("ended").saturating_sub(num("started"));
+    let (event_type, mut data) = match run_status {
+        status::COMPLETED => (
+            "workflow_completed",
+            json!({"workflowId": wf, "executionId": run, "durationMs": duration}),
+        ),
+        _ => {
+            let error = fields
+                .get("error")
+                .and_then(|e| serde_json::from_str::<Value>(e).ok())
+                .and_then(|e| e.get("message").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| run_status.to_string());
+            let failed_step = fields
+                .iter()
+                .find(|(k, v)| k.starts_with("st:") && v.as_str() == step_status::FAILED)
+                .map(|(k, _)| k[3..].to_string());
+            let mut d = json!({"workflowId": wf, "executionId": run, "error": inkwire_shared::problem::clip(&error, 500)});
+            if let Some(s) = failed_step {
+                d["failedActionId"] = json!(s);
+            }
+            ("workflow_failed", d)
+        }
+    };
+    if run_status == status::CANCELLED {
+        data["error"] = json!("cancelled");
+    }
+    let event = Event::builder(Category::Automation, event_type, "workflows")
+        .id(event_id(&format!("{run}/ended")))
+        .project(&project)
+        .source("workflows")
+        .correlation(run)
+        .data(data)
+        .build();
+    engine.publish_event(event).await?;
+    redis::cmd("HSET")
+        .arg(store::run_key(run))
+        .arg("announced")
+        .arg(now_ms())
+        .query_async::<()>(&mut redis)
+        .await?;
+    engine
+        .push_progress(
+            &project,
+            json!({"kind": "workflow", "runId": run, "workflowId": wf, "status": run_status}),
+        )
+        .await;
+    Ok(())
+}
+
+/// The consumer settings of the step workers.
+pub fn consumer_spec() -> ConsumerSpec {
+    let mut spec = ConsumerSpec::new(STREAM, CONSUMER).filter(format!("{STEP_PREFIX}.>"));
+    spec.batch = 64;
+    spec.max_deliver = 20;
+    spec.max_ack_pending = Some(4_096);
+    spec
+}
+
+/// Runs step workers and the watcher until `shutdown`.
+pub async fn run_worker(engine: Engine, shutdown: Shutdown) -> anyhow::Result<()> {
+    let watcher = tokio::spawn(run_watcher(engine.clone(), shutdown.clone()));
+    let concurrency = engine.config.concurrency;
+    let e = engine.clone();
+    let stats = consumer::run_concurrent(
+        engine.js.clone(),
+        consumer_spec(),
+        move |delivery| {
+            let e = e.clone();
+            async move { handle(&e, delivery).await }
+        },
+        concurrency,
+        shutdown,
+    )
+    .await?;
+    tracing::info!(?stats, "workflow step worker stopped");
+    let _ = watcher.await;
+    Ok(())
+}
+
+/// The watcher loop (module doc).
+pub async fn run_watcher(engine: Engine, mut shutdown: Shutdown) -> anyhow::Result<()> {
+    let queue = DueQueue::new(store::watch_key());
+    let mut ticker = tokio::time::interval(engine.config.watch_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.wait() => return Ok(()),
+        }
+        if let Err(e) = watch_once(&engine, &queue).await {
+            tracing::warn!(error = %e, "workflow watcher tick failed");
+        }
+    }
+}
+
+/// One pass: claims the runs that are due and looks at each.
+pub async fn watch_once(engine: &Engine, queue: &DueQueue) -> anyhow::Result<usize> {
+    let mut redis = engine.redis.clone();
+    let now = now_ms();
+    let claimed = queue.claim(&mut redis, now, 200, 30_000).await?;
+    let n = claimed.len();
+    for l in claimed {
+        if !is_identifier(&l.member) {
+            queue.cancel(&mut redis, &l.member).await?;
+            continue;
+        }
+        if let Err(e) = look_at(engine, queue, &l).await {
+            tracing::warn!(error = %e, run = l.member, "workflow watcher: run not examined");
+        }
+    }
+    Ok(n)
+}
+
+async fn look_at(
+    engine: &Engine,
+    queue: &DueQueue,
+    lease: &inkwire_shared::due_queue::Lease,
+) -> anyhow::Result<()> {
+    let run = &lease.member;
+    let mut redis = engine.redis.clone();
+    let fields = read_run(&mut redis, run).await?;
+    let run_status = fields.get("status").cloned().unwrap_or_default();
+    if run_status.is_empty() {
+        queue.done(&mut redis, lease).await?;
+        return Ok(());
+    }
+    if status::is_terminal(&run_status) {
+        run_ended(engine, run).await?;
+        queue.done(&mut redis, lease).await?;
+        return Ok(());
+    }
+    let now = now_ms();
+    let grace = engine.config.watch_grace.as_millis() as u64;
+    let mut next = now + grace;
+    let num = |k: String| {
+        fields
+            .get(&k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for (k, st) in &fields {
+        let Some(step) = k.strip_prefix("st:") else {
+            continue;
+        };
+        let attempt = num(format!("at:{step}")) as u32;
+        let d = Dispatch {
+            run: run.clone(),
+            step: step.to_string(),
+            attempt,
+            ready_at: 0,
+        };
+        match st.as_str() {
+            step_status::READY => {
+                let rd = num(format!("rd:{step}"));
+                if rd <= now {
+                    // The fast path's id: a dispatch that was stored is not stored again.
+                    engine
+                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}"))
+                        .await?;
+                } else {
+                    next = next.min(rd);
+                }
+            }
+            step_status::WAITING => {
+                let wu = num(format!("wu:{step}"));
+                if wu <= now {
+                    engine
+                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}:w{wu}"))
+                        .await?;
+                } else {
+                    next = next.min(wu);
+                }
+            }
+            step_status::RUNNING => {
+                let ls = num(format!("ls:{step}"));
+                if ls < now {
+                    engine
+                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}:l{ls}"))
+                        .await?;
+                } else {
+                    next = next.min(ls + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    let _: i64 = store::reschedule_script()
+        .key(store::watch_key())
+        .key(store::watch_lease_key(run))
+        .arg(run)
+        .arg(&lease.token)
+        .arg(next.max(now + 1))
+        .invoke_async(&mut redis)
+        .await?;
+    Ok(())
+}
+
+/// Cancels a run; answers the run's status before (`running` when this call cancelled it).
+pub async fn cancel(engine: &Engine, run: &str, by: &str) -> anyhow::Result<String> {
+    let mut redis = engine.redis.clone();
+    let answer: String = store::cancel_script()
+        .key(store::run_key(run))
+        .key(store::watch_key())
+        .key(store::watch_lease_key(run))
+        .arg(now_ms())
+        .arg(json!({"code": "cancelled", "message": format!("cancelled by {by}")}).to_string())
+        .arg(run)
+        .invoke_async(&mut redis)
+        .await?;
+    if answer == "ok" {
+        run_ended(engine, run).await?;
+        return Ok(status::RUNNING.into());
+    }
+    Ok(answer)
+}

@@ -1,0 +1,734 @@
+//! Workflows (issue 14) against real nats-server and redis-server, with a local HTTP server
+//! as the peer every `http` step calls (it counts requests per idempotency key, fails on
+//! demand and answers slowly on demand): registration and its errors; a DAG with parallel
+//! branches and a join that reads both; retries with their backoff; timeouts; the `fail`
+//! and `continue` strategies; conditions; durable delays; cancel during a long step; the
+//! token fencing of attempts; idempotent starts; the automation events; who may do what.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use inkwire_shared::events::Category;
+use inkwire_shared::jetstream::read_stream;
+use inkwire_shared::membership::ProjectRole;
+use inkwire_tests::TestEnv;
+use inkwire_workflows::store;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const REGISTER: &str = "/api/workflows/register";
+
+/// What the peer saw: (path, idempotency key, when).
+#[derive(Clone, Default)]
+struct Peer {
+    seen: Arc<Mutex<Vec<(String, String, Instant)>>>,
+}
+
+impl Peer {
+    fn calls(&self, path: &str) -> Vec<(String, Instant)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, k, t)| (k.clone(), *t))
+            .collect()
+    }
+
+    fn record(&self, path: String, headers: &HeaderMap) -> usize {
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let mut seen = self.seen.lock().unwrap();
+        seen.push((path.clone(), key.clone(), Instant::now()));
+        seen.iter()
+            .filter(|(p, k, _)| *p == path && *k == key)
+            .count()
+    }
+}
+
+/// `/ok/{name}` answers `{"name", "n"}`; `/flaky/{name}?fails=N` answers 503 to the first N
+/// calls with one idempotency key; `/slow/{name}?ms=` answers after a while; `/bad/{name}`
+/// is 400; `/echo/{name}` answers the request body.
+async fn start_peer() -> (String, Peer) {
+    let peer = Peer::default();
+    async fn ok(State(p): State<Peer>, Path(name): Path<String>, h: HeaderMap) -> Json<Value> {
+        let n = p.record(format!("/ok/{name}"), &h);
+        Json(json!({"name": name, "n": n}))
+    }
+    async fn flaky(
+        State(p): State<Peer>,
+        Path(name): Path<String>,
+        Query(q): Query<HashMap<String, String>>,
+        h: HeaderMap,
+    ) -> (axum::http::StatusCode, Json<Value>) {
+        let n = p.record(format!("/flaky/{name}"), &h);
+        let fails: usize = q.get("fails").and_then(|f| f.parse().ok()).unwrap_or(0);
+        if n <= fails {
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"n": n})),
+            )
+        } else {
+            (axum::http::StatusCode::OK, Json(json!({"n": n})))
+        }
+    }
+    async fn slow(
+        State(p): State<Peer>,
+        Path(name): Path<String>,
+        Query(q): Query<HashMap<String, String>>,
+        h: HeaderMap,
+    ) -> Json<Value> {
+        p.record(format!("/slow/{name}"), &h);
+        let ms: u64 = q.get("ms").and_then(|f| f.parse().ok()).unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        p.record(format!("/slow-done/{name}"), &h);
+        Json(json!({"slept": ms}))
+    }
+    async fn bad(
+        State(p): State<Peer>,
+        Path(name): Path<String>,
+        h: HeaderMap,
+    ) -> (axum::http::StatusCode, Json<Value>) {
+        p.record(format!("/bad/{name}"), &h);
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            Json(json!({"error": "no"})),
+        )
+    }
+    async fn echo(
+        State(p): State<Peer>,
+        Path(name): Path<String>,
+        h: HeaderMap,
+        body: String,
+    ) -> Json<Value> {
+        p.record(format!("/echo/{name}"), &h);
+        Json(serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+    let app = Router::new()
+        .route("/ok/{name}", get(ok))
+        .route("/flaky/{name}", get(flaky))
+        .route("/slow/{name}", get(slow))
+        .route("/bad/{name}", get(bad))
+        .route("/echo/{name}", any(echo))
+        .with_state(peer.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, peer)
+}
+
+async fn env() -> TestEnv {
+    let env = TestEnv::start_settings(|_| {}, |s| s.without_workflows_worker = false).await;
+    env.add_member("p-w", "olga", ProjectRole::Owner).await;
+    env.add_member("p-w", "rita", ProjectRole::Reader).await;
+    env
+}
+
+fn http_step(id: &str, url: String, deps: &[&str]) -> Value {
+    json!({"id": id, "action": "http", "dependsOn": deps, "input": {"method": "GET", "url": url}})
+}
+
+fn workflow(id: &str, steps: Vec<Value>) -> Value {
+    json!({"id": id, "version": 1, "projectId": "p-w", "triggers": [{"type": "manual"}], "steps": steps})
+}
+
+async fn register(env: &TestEnv, def: &Value) {
+    let (s, b) = env.post(REGISTER, &env.token("olga"), def).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+async fn execute(env: &TestEnv, id: &str, body: &Value) -> String {
+    let (s, b) = env
+        .post(
+            &format!("/api/workflows/{id}/execute"),
+            &env.token("olga"),
+            body,
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    b["runId"].as_str().unwrap().to_string()
+}
+
+/// Waits for the run to end; answers its view.
+async fn ended(env: &TestEnv, run: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let (s, v) = env
+            .get(
+                &format!("/api/workflows/executions/{run}"),
+                &env.token("olga"),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        if v["status"] != "running" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "still running: {v:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {run:#}"))
+}
+
+async fn automation_events(env: &TestEnv, run: &str) -> Vec<Value> {
+    let stream = inkwire_shared::subjects::event_stream(Category::Automation);
+    read_stream(
+        &env.state.js,
+        &stream,
+        String::new(),
+        DeliverPolicy::All,
+        10_000,
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|m| serde_json::from_slice::<Value>(&m.payload).unwrap())
+    .filter(|e| e["data"]["executionId"] == run)
+    .collect()
+}
+
+/// The run's events once one of `event_type` is among them (it follows the run's end).
+async fn events_with(env: &TestEnv, run: &str, event_type: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = automation_events(env, run).await;
+        if events.iter().any(|e| e["type"] == event_type) || Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_checks_the_definition_and_the_caller() {
+    let env = env().await;
+    let olga = env.token("olga");
+    // Every problem, each with its pointer.
+    let bad = json!({"id": "w", "version": 1, "projectId": "p-w", "triggers": [{"type": "manual"}],
+    "steps": [
+        {"id": "a", "action": "http", "dependsOn": ["b"], "input": {"url": "http://x"}},
+        {"id": "b", "action": "http", "dependsOn": ["a"], "input": {"url": "http://x"}},
+        {"id": "c", "action": "teleport", "dependsOn": ["nope"]},
+        {"id": "d", "action": "http", "input": {"url": "{{ steps.zz.output }}"}}
+    ]});
+    let (s, b) = env.post(REGISTER, &olga, &bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let pointers: Vec<&str> = b["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
+    for p in [
+        "/steps/2/action",
+        "/steps/2/dependsOn/0",
+        "/steps/3/input/url",
+    ] {
+        assert!(pointers.contains(&p), "{p} missing from {b:#}");
+    }
+    assert!(b.to_string().contains("cycle"), "{b:#}");
+
+    let def = workflow(
+        "w-reg",
+        vec![http_step("a", "http://127.0.0.1:1/ok/a".into(), &[])],
+    );
+    let (s, _) = env.post(REGISTER, &env.token("rita"), &def).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = env.post(REGISTER, &env.token("stranger"), &def).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    register(&env, &def).await;
+    // The same again changes nothing; other content under the same version is refused.
+    let (s, b) = env.post(REGISTER, &olga, &def).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let mut changed = def.clone();
+    changed["steps"][0]["input"]["url"] = json!("http://127.0.0.1:1/ok/b");
+    let (s, b) = env.post(REGISTER, &olga, &changed).await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::CONFLICT, Some("version_exists"))
+    );
+    changed["version"] = json!(2);
+    let (s, _) = env.post(REGISTER, &olga, &changed).await;
+    assert_eq!(s, StatusCode::CREATED);
+    // Readers read; strangers see nothing.
+    let (s, b) = env.get("/api/workflows/w-reg", &env.token("rita")).await;
+    assert_eq!((s, b["version"].as_u64()), (StatusCode::OK, Some(2)), "{b}");
+    let (s, b) = env
+        .get("/api/workflows/w-reg?version=1", &env.token("rita"))
+        .await;
+    assert_eq!(
+        b["steps"][0]["input"]["url"], "http://127.0.0.1:1/ok/a",
+        "{s} {b}"
+    );
+    let (s, _) = env
+        .get("/api/workflows/w-reg", &env.token("stranger"))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, b) = env.get("/api/workflows", &env.token("rita")).await;
+    assert_eq!(b["workflows"][0]["id"], "w-reg", "{b}");
+    let (_, b) = env.get("/api/workflows", &env.token("stranger")).await;
+    assert_eq!(b["workflows"], json!([]), "{b}");
+    // Readers do not run workflows; bad ids and parameters are 400.
+    let (s, _) = env
+        .post(
+            "/api/workflows/w-reg/execute",
+            &env.token("rita"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = env.get("/api/workflows/w.reg", &olga).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = env.get("/api/workflows/w-reg?version=x", &olga).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = env
+        .post(
+            "/api/workflows/w-reg/execute",
+            &olga,
+            &json!({"inputs": {}}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = env.get("/api/workflows", "not-a-token").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_branches_join_and_every_step_is_visible() {
+    let env = env().await;
+    let (peer_url, peer) = start_peer().await;
+    let def = workflow(
+        "w-dag",
+        vec![
+            json!({"id": "start", "action": "http", "input": {"url": format!("{peer_url}/ok/start")}}),
+            json!({"id": "left", "action": "http", "dependsOn": ["start"],
+                "input": {"url": format!("{peer_url}/slow/left?ms=400")}}),
+            json!({"id": "right", "action": "http", "dependsOn": ["start"],
+                "input": {"url": format!("{peer_url}/slow/right?ms=400")}}),
+            json!({"id": "join", "action": "http", "dependsOn": ["left", "right"],
+                "input": {"method": "POST", "url": format!("{peer_url}/echo/join"),
+                    "body": {"left": "{{ steps.left.output.body.slept }}", "who": "{{ trigger.input.who }}",
+                        "n": "{{ steps.start.output.body.n }}"}}}),
+            json!({"id": "save", "action": "redis", "dependsOn": ["join"],
+                "input": {"op": "incr", "key": "joins", "by": 2}}),
+        ],
+    );
+    register(&env, &def).await;
+    let run = execute(&env, "w-dag", &json!({"input": {"who": "olga"}})).await;
+    let view = ended(&env, &run, Duration::from_secs(15)).await;
+    assert_eq!(view["status"], "completed", "{view:#}");
+    // The branches overlapped: the second started before the first finished.
+    let left = peer.calls("/slow/left")[0].1;
+    let right = peer.calls("/slow/right")[0].1;
+    let first_done = peer.calls("/slow-done/left")[0]
+        .1
+        .min(peer.calls("/slow-done/right")[0].1);
+    assert!(
+        left.max(right) < first_done,
+        "the branches ran one after the other"
+    );
+    // The join read both branches, the trigger and the first step, with their JSON types.
+    let join = step(&view, "join");
+    assert_eq!(join["status"], "succeeded");
+    assert_eq!(
+        join["output"]["body"],
+        json!({"left": 400, "who": "olga", "n": 1}),
+        "{join:#}"
+    );
+    assert_eq!(join["input"]["body"]["left"], 400);
+    assert_eq!(join["attempts"], 1);
+    assert!(join["durationMs"].is_u64() && join["startedAt"].is_string());
+    assert_eq!(step(&view, "save")["output"], json!({"value": 2}));
+    // Each effect once, with the step's idempotency key.
+    for path in ["/ok/start", "/slow/left", "/slow/right", "/echo/join"] {
+        let calls = peer.calls(path);
+        assert_eq!(calls.len(), 1, "{path}: {calls:?}");
+        assert!(calls[0].0.starts_with(&run), "{path}: key {:?}", calls[0].0);
+    }
+    // The redis action wrote inside the project's namespace only.
+    let mut redis = env.state.redis.clone();
+    let v: Option<i64> = redis::cmd("GET")
+        .arg("inkwire:wf:data:p-w:joins")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(v, Some(2));
+    // The events: started, one per action, completed — each valid, none twice.
+    let events = events_with(&env, &run, "workflow_completed").await;
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types.iter().filter(|t| **t == "workflow_started").count(),
+        1,
+        "{types:?}"
+    );
+    assert_eq!(
+        types.iter().filter(|t| **t == "action_executed").count(),
+        5,
+        "{types:?}"
+    );
+    assert_eq!(
+        types.iter().filter(|t| **t == "workflow_completed").count(),
+        1,
+        "{types:?}"
+    );
+    for e in &events {
+        inkwire_shared::schema::schemas()
+            .validate_event(e)
+            .unwrap_or_else(|errs| panic!("{e}: {errs:?}"));
+        assert_eq!(e["projectId"], "p-w");
+    }
+    // The executions list shows it; a reader may read it, a stranger may not.
+    let (_, list) = env
+        .get("/api/workflows/w-dag/executions", &env.token("rita"))
+        .await;
+    assert_eq!(list["executions"][0]["runId"], run.as_str(), "{list}");
+    let (s, _) = env
+        .get(
+            &format!("/api/workflows/executions/{run}"),
+            &env.token("stranger"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_and_timeouts_and_4xx_end_the_step() {
+    let env = env().await;
+    let (peer_url, peer) = start_peer().await;
+    let retry = json!({"maxAttempts": 4, "initialInterval": "300ms", "backoffCoefficient": 2, "jitter": false});
+    let def = workflow(
+        "w-retry",
+        vec![json!({"id": "flaky", "action": "http", "retry": retry,
+            "input": {"url": format!("{peer_url}/flaky/f?fails=2")}})],
+    );
+    register(&env, &def).await;
+    let run = execute(&env, "w-retry", &json!({})).await;
+    let view = ended(&env, &run, Duration::from_secs(15)).await;
+    assert_eq!(view["status"], "completed", "{view:#}");
+    let s = step(&view, "flaky");
+    assert_eq!(
+        (s["attempts"].as_u64(), &s["output"]["body"]["n"]),
+        (Some(3), &json!(3)),
+        "{s:#}"
+    );
+    let calls = peer.calls("/flaky/f");
+    assert_eq!(calls.len(), 3);
+    // 300 ms, then 600 ms (the watcher looks every 100 ms: a little later, never earlier).
+    let gap1 = calls[1].1 - calls[0].1;
+    let gap2 = calls[2].1 - calls[1].1;
+    assert!(
+        gap1 >= Duration::from_millis(290) && gap1 < Duration::from_millis(1500),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(590) && gap2 < Duration::from_millis(2000),
+        "{gap2:?}"
+    );
+    // One key for every attempt of the step.
+    assert!(calls.iter().all(|(k, _)| *k == calls[0].0));
+
+    // A timeout is retryable; after the attempts the run fails, naming the step.
+    let def = workflow(
+        "w-timeout",
+        vec![
+            json!({"id": "slow", "action": "http", "timeout": "300ms",
+                "retry": {"maxAttempts": 2, "initialInterval": "100ms", "jitter": false},
+                "input": {"url": format!("{peer_url}/slow/t?ms=3000")}}),
+            http_step("after", format!("{peer_url}/ok/after"), &["slow"]),
+        ],
+    );
+    register(&env, &def).await;
+    let started = Instant::now();
+    let run = execute(&env, "w-timeout", &json!({})).await;
+    let view = ended(&env, &run, Duration::from_secs(15)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(view["status"], "failed", "{view:#}");
+    let s = step(&view, "slow");
+    assert_eq!(
+        (s["status"].as_str(), s["attempts"].as_u64()),
+        (Some("failed"), Some(2))
+    );
+    assert_eq!(s["error"]["code"], "timeout", "{s:#}");
+    assert_eq!(step(&view, "after")["status"], "skipped");
+    assert!(peer.calls("/ok/after").is_empty());
+
+    // A 400 is not retried.
+    let def = workflow(
+        "w-4xx",
+        vec![http_step("bad", format!("{peer_url}/bad/x"), &[])],
+    );
+    register(&env, &def).await;
+    let run = execute(&env, "w-4xx", &json!({})).await;
+    let view = ended(&env, &run, Duration::from_secs(10)).await;
+    let s = step(&view, "bad");
+    assert_eq!(
+        (s["attempts"].as_u64(), s["error"]["code"].as_str()),
+        (Some(1), Some("http_400"))
+    );
+    assert_eq!(peer.calls("/bad/x").len(), 1);
+    let events = events_with(&env, &run, "workflow_failed").await;
+    let failed = events
+        .iter()
+        .find(|e| e["type"] == "workflow_failed")
+        .expect("workflow_failed");
+    assert_eq!(failed["data"]["failedActionId"], "bad", "{failed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continue_conditions_and_delays() {
+    let env = env().await;
+    let (peer_url, peer) = start_peer().await;
+    let def = workflow(
+        "w-flow",
+        vec![
+            json!({"id": "bad", "action": "http", "onError": "continue",
+                "input": {"url": format!("{peer_url}/bad/c")}}),
+            json!({"id": "after", "action": "http", "dependsOn": ["bad"], "input": {"method": "POST",
+                "url": format!("{peer_url}/echo/after"), "body": {"error": "{{ steps.bad.error.code }}"}}}),
+            json!({"id": "check", "action": "condition", "dependsOn": ["after"],
+                "input": {"if": "trigger.input.words >= 100", "then": ["big"], "else": ["small"]}}),
+            http_step("big", format!("{peer_url}/ok/big"), &["check"]),
+            http_step("small", format!("{peer_url}/ok/small"), &["check"]),
+            http_step(
+                "after_small",
+                format!("{peer_url}/ok/after_small"),
+                &["small"],
+            ),
+            json!({"id": "wait", "action": "delay", "dependsOn": ["big"], "input": {"duration": "1500ms"}}),
+            http_step("done", format!("{peer_url}/ok/done"), &["wait"]),
+        ],
+    );
+    register(&env, &def).await;
+    let started = Instant::now();
+    let run = execute(&env, "w-flow", &json!({"input": {"words": 120}})).await;
+    // While the delay runs, the step is waiting and nothing sleeps on it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = env
+            .get(
+                &format!("/api/workflows/executions/{run}"),
+                &env.token("olga"),
+            )
+            .await;
+        if step(&v, "wait")["status"] == "waiting" {
+            assert!(step(&v, "wait")["waitingUntil"].is_string(), "{v:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never waiting: {v:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let view = ended(&env, &run, Duration::from_secs(15)).await;
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(view["status"], "completed", "{view:#}");
+    assert_eq!(step(&view, "bad")["status"], "failed");
+    assert_eq!(
+        step(&view, "after")["output"]["body"],
+        json!({"error": "http_400"})
+    );
+    assert_eq!(step(&view, "check")["output"]["result"], true);
+    assert_eq!(step(&view, "big")["status"], "succeeded");
+    assert_eq!(step(&view, "small")["status"], "skipped");
+    assert_eq!(step(&view, "after_small")["status"], "skipped");
+    assert_eq!(step(&view, "wait")["status"], "succeeded");
+    assert_eq!(step(&view, "done")["status"], "succeeded");
+    assert!(peer.calls("/ok/small").is_empty() && peer.calls("/ok/after_small").is_empty());
+    assert_eq!(peer.calls("/ok/done").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_long_step_and_nothing_after_it_runs() {
+    let env = env().await;
+    let (peer_url, peer) = start_peer().await;
+    let def = workflow(
+        "w-cancel",
+        vec![
+            json!({"id": "long", "action": "http", "timeout": "60s",
+                "input": {"url": format!("{peer_url}/slow/long?ms=20000")}}),
+            http_step("next", format!("{peer_url}/ok/next"), &["long"]),
+        ],
+    );
+    register(&env, &def).await;
+    let run = execute(&env, "w-cancel", &json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while peer.calls("/slow/long").is_empty() {
+        assert!(Instant::now() < deadline, "the long step never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, _) = env
+        .post(
+            &format!("/api/workflows/executions/{run}/cancel"),
+            &env.token("rita"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let t = Instant::now();
+    let (s, v) = env
+        .post(
+            &format!("/api/workflows/executions/{run}/cancel"),
+            &env.token("olga"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "cancelled");
+    assert_eq!(step(&v, "next")["status"], "cancelled");
+    let (s, v) = env
+        .post(
+            &format!("/api/workflows/executions/{run}/cancel"),
+            &env.token("olga"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::CONFLICT, Some("execution_ended"))
+    );
+    // The running step let go at its next await point (well before the peer answered),
+    // and nothing after it ran.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut redis = env.state.redis.clone();
+        let (st, ls): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(store::run_key(&run))
+            .arg("st:long")
+            .arg("ls:long")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        // The attempt was abandoned: its result is never stored.
+        assert_eq!(st.as_deref(), Some("running"));
+        assert!(ls.is_some());
+        if t.elapsed() > Duration::from_secs(1) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(peer.calls("/ok/next").is_empty());
+    let events = events_with(&env, &run, "workflow_failed").await;
+    let failed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "workflow_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{events:?}");
+    assert_eq!(failed[0]["data"]["error"], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_starts_one_run_and_a_stale_attempt_changes_nothing() {
+    let env = env().await;
+    let (peer_url, peer) = start_peer().await;
+    let def = workflow(
+        "w-once",
+        vec![http_step("a", format!("{peer_url}/ok/once"), &[])],
+    );
+    register(&env, &def).await;
+    let first = execute(&env, "w-once", &json!({"idempotencyKey": "k-1"})).await;
+    let (s, b) = env
+        .post(
+            "/api/workflows/w-once/execute",
+            &env.token("olga"),
+            &json!({"idempotencyKey": "k-1"}),
+        )
+        .await;
+    assert_eq!(
+        (s, b["runId"].as_str(), b["created"].as_bool()),
+        (StatusCode::ACCEPTED, Some(first.as_str()), Some(false))
+    );
+    ended(&env, &first, Duration::from_secs(10)).await;
+    assert_eq!(peer.calls("/ok/once").len(), 1);
+    let (s, _) = env
+        .post(
+            "/api/workflows/w-once/execute",
+            &env.token("olga"),
+            &json!({"idempotencyKey": "k 1"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // Fencing, on the scripts themselves: an attempt whose lease ran out is taken over, and
+    // the first holder's late result is refused.
+    let run = "r-fence";
+    let mut redis = env.state.redis.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(store::run_key(run))
+        .arg(&[
+            "status", "running", "left", "1", "st:a", "ready", "at:a", "1", "rd:a", "0", "deps:a",
+            "", "kids:a", "",
+        ])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let start = |token: &'static str, now: u64, lease: u64| {
+        let mut redis = redis.clone();
+        async move {
+            let v: (String, String) = store::start_script()
+                .key(store::run_key(run))
+                .arg("a")
+                .arg(1)
+                .arg(token)
+                .arg(now)
+                .arg(lease)
+                .invoke_async(&mut redis)
+                .await
+                .unwrap();
+            v.0
+        }
+    };
+    assert_eq!(start("t-1", 1_000, 2_000).await, "ok");
+    assert_eq!(start("t-2", 1_500, 3_000).await, "busy"); // a redelivery while the lease runs
+    assert_eq!(start("t-2", 2_500, 4_000).await, "ok"); // the lease ran out: taken over
+    let finish = |token: &'static str| {
+        let mut redis = redis.clone();
+        async move {
+            let v: Vec<String> = store::finish_script()
+                .key(store::run_key(run))
+                .key(store::watch_key())
+                .key(store::watch_lease_key(run))
+                .arg("a")
+                .arg(token)
+                .arg("succeeded")
+                .arg("fail")
+                .arg(3_000)
+                .arg(4_000)
+                .arg(json!({"who": token}).to_string())
+                .arg("")
+                .arg("")
+                .arg(run)
+                .invoke_async(&mut redis)
+                .await
+                .unwrap();
+            v
+        }
+    };
+    assert_eq!(finish("t-1").await, vec!["stale"]);
+    assert_eq!(finish("t-2").await, vec!["completed"]);
+    assert_eq!(finish("t-2").await, vec!["stale"]);
+    let out: String = redis::cmd("HGET")
+        .arg(store::run_key(run))
+        .arg("out:a")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(out, json!({"who": "t-2"}).to_string());
+}
