@@ -732,3 +732,91 @@ async fn a_key_starts_one_run_and_a_stale_attempt_changes_nothing() {
         .unwrap();
     assert_eq!(out, json!({"who": "t-2"}).to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_survive_kill_9_of_the_worker_and_every_effect_happens_once() {
+    // The API runs here; the steps run in a separate worker process, killed with SIGKILL
+    // again and again in the middle of the runs.
+    let env = TestEnv::start().await;
+    env.add_member("p-w", "olga", ProjectRole::Owner).await;
+    let (peer_url, peer) = start_peer().await;
+    let mut steps = Vec::new();
+    for i in 0..8 {
+        let mut http = json!({"id": format!("s{i}"), "action": "http", "timeout": "1s",
+            "input": {"url": format!("{peer_url}/slow/s{i}-{{{{ run.id }}}}?ms=120")}});
+        if i > 0 {
+            http["dependsOn"] = json!([format!("r{}", i - 1)]);
+        }
+        steps.push(http);
+        steps.push(
+            json!({"id": format!("r{i}"), "action": "redis", "dependsOn": [format!("s{i}")],
+            "input": {"op": "incr", "key": "effects"}}),
+        );
+    }
+    register(&env, &workflow("w-crash", steps)).await;
+    let files = tempfile::tempdir().unwrap();
+    let files = files.path().to_str().unwrap().to_string();
+    let worker_env = [
+        ("INKWIRE_WORKFLOW_WATCH_GRACE", "1s"),
+        ("INKWIRE_WORKFLOW_LEASE_MARGIN", "300ms"),
+        ("INKWIRE_WORKFLOW_HTTP_ALLOW_PRIVATE", "1"),
+        ("INKWIRE_WORKFLOW_FILES_DIR", files.as_str()),
+    ];
+    let exe = env!("CARGO_BIN_EXE_workflows-worker-process");
+    let mut worker = inkwire_tests::ServerProcess::start(&env, exe, &worker_env).await;
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(execute(&env, "w-crash", &json!({})).await);
+    }
+    // Kill at varied moments: mid-request, between a step's result and its dependants'
+    // dispatch, mid-script.
+    for pause in [180u64, 420, 250, 600, 330, 150, 500, 270] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        worker.kill();
+        worker = inkwire_tests::ServerProcess::start(&env, exe, &worker_env).await;
+    }
+    for run in &runs {
+        let view = ended(&env, run, Duration::from_secs(60)).await;
+        assert_eq!(view["status"], "completed", "{view:#}");
+        for s in view["steps"].as_array().unwrap() {
+            assert_eq!(s["status"], "succeeded", "{s:#}");
+        }
+    }
+    drop(worker);
+    // Each HTTP effect under one key per step (a request repeated after a kill carries the
+    // same key: the receiver applies it once), and each redis increment applied once.
+    let seen = peer.seen.lock().unwrap().clone();
+    let keys: std::collections::BTreeSet<&str> = seen
+        .iter()
+        .filter(|(p, _, _)| p.starts_with("/slow/"))
+        .map(|(_, k, _)| k.as_str())
+        .collect();
+    assert_eq!(keys.len(), 3 * 8, "{keys:?}");
+    for run in &runs {
+        for i in 0..8 {
+            assert!(keys.contains(format!("{run}:s{i}").as_str()));
+        }
+    }
+    let mut redis = env.state.redis.clone();
+    let effects: i64 = redis::cmd("GET")
+        .arg("inkwire:wf:data:p-w:effects")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(effects, 3 * 8);
+    // The events: per run one start, one completion, and one succeeded action per step.
+    for run in &runs {
+        let events = events_with(&env, run, "workflow_completed").await;
+        let count = |t: &str| events.iter().filter(|e| e["type"] == t).count();
+        assert_eq!(
+            (count("workflow_started"), count("workflow_completed")),
+            (1, 1)
+        );
+        let succeeded: std::collections::BTreeSet<&str> = events
+            .iter()
+            .filter(|e| e["type"] == "action_executed" && e["data"]["status"] == "succeeded")
+            .map(|e| e["data"]["actionId"].as_str().unwrap())
+            .collect();
+        assert_eq!(succeeded.len(), 16, "{succeeded:?}");
+    }
+}

@@ -11,6 +11,8 @@
 //!   or `INKWIRE_WORKFLOW_HTTP_ALLOW_PRIVATE` is on (`inkwire dev`).
 //! - `redis` — `get`, `set`, `incr`, `hget`, `hset`, `hincrby`, `hgetall`, `del` on keys
 //!   inside the project's namespace `inkwire:wf:data:{projectId}:{key}`; no other command.
+//!   Applied once per step: the result is stored under the step's key in the same script,
+//!   so an attempt repeated after a crash does not increment twice.
 //! - `file` — `read`, `write`, `list` inside the project's directory of the sandbox; paths
 //!   are relative and `..`-free (checked when the definition is registered and again here,
 //!   after rendering), and writes replace the file atomically (a temporary file renamed).
@@ -273,110 +275,111 @@ fn data_key(project: &str, key: &str) -> Result<String, ActionError> {
     Ok(format!("{}:data:{project}:{key}", crate::store::PREFIX))
 }
 
+/// One redis operation applied at most once per step: the result is kept under the step's
+/// idempotency key (for a week) in the same script, so an attempt repeated after a crash
+/// answers the first attempt's result instead of incrementing again.
+/// KEYS: the data key, the applied marker. ARGV: op, field, value, by, ttl seconds (0: none).
+const REDIS_OP: &str = r#"
+local done = redis.call('GET', KEYS[2])
+if done then return done end
+local op = ARGV[1]
+local out
+if op == 'get' then
+  local v = redis.call('GET', KEYS[1])
+  out = {value = v or cjson.null}
+elseif op == 'set' then
+  if tonumber(ARGV[5]) > 0 then
+    redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[5])
+  else
+    redis.call('SET', KEYS[1], ARGV[3])
+  end
+  out = {ok = true}
+elseif op == 'incr' then
+  out = {value = redis.call('INCRBY', KEYS[1], ARGV[4])}
+elseif op == 'hget' then
+  local v = redis.call('HGET', KEYS[1], ARGV[2])
+  out = {value = v or cjson.null}
+elseif op == 'hset' then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+  out = {ok = true}
+elseif op == 'hincrby' then
+  out = {value = redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[4])}
+elseif op == 'hgetall' then
+  local all = redis.call('HGETALL', KEYS[1])
+  local m = {}
+  for i = 1, #all, 2 do m[all[i]] = all[i + 1] end
+  if #all == 0 then out = {value = cjson.decode('{}')} else out = {value = m} end
+elseif op == 'del' then
+  out = {deleted = redis.call('DEL', KEYS[1])}
+else
+  return redis.error_reply('unknown op')
+end
+local text = cjson.encode(out)
+redis.call('SET', KEYS[2], text, 'EX', 604800)
+return text
+"#;
+
 async fn redis_op(
     ctx: &ActionContext,
     scope: &StepScope<'_>,
     input: &Value,
 ) -> Result<Value, ActionError> {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     let op = input_str(input, "op")?;
+    const OPS: [&str; 8] = [
+        "get", "set", "incr", "hget", "hset", "hincrby", "hgetall", "del",
+    ];
+    if !OPS.contains(&op) {
+        return Err(ActionError::permanent(
+            "invalid_input",
+            format!("op: {op:?} is not one of {}", OPS.join(", ")),
+        ));
+    }
     let key = data_key(scope.project, input_str(input, "key")?)?;
-    let field = || input_str(input, "field").map(str::to_string);
-    let value = || {
+    let field = if matches!(op, "hget" | "hset" | "hincrby") {
+        input_str(input, "field")?.to_string()
+    } else {
+        String::new()
+    };
+    let value = if matches!(op, "set" | "hset") {
         input
             .get("value")
             .map(as_text)
-            .ok_or_else(|| ActionError::permanent("invalid_input", "`value` is required"))
+            .ok_or_else(|| ActionError::permanent("invalid_input", "`value` is required"))?
+    } else {
+        String::new()
     };
-    let by = || match input.get("by") {
-        None => Ok(1),
+    let by = match input.get("by") {
+        None => 1,
         Some(v) => v
             .as_i64()
-            .ok_or_else(|| ActionError::permanent("invalid_input", "`by` must be an integer")),
+            .ok_or_else(|| ActionError::permanent("invalid_input", "`by` must be an integer"))?,
     };
+    let ttl = input.get("ttlSeconds").and_then(Value::as_u64).unwrap_or(0);
+    let marker = format!("{}:applied:{}", crate::store::PREFIX, scope.idempotency_key);
     let mut r = ctx.redis.clone();
-    let err = |e: redis::RedisError| ActionError::transient("redis_unavailable", e.to_string());
-    let out = match op {
-        "get" => {
-            let v: Option<String> = redis::cmd("GET")
-                .arg(&key)
-                .query_async(&mut r)
-                .await
-                .map_err(err)?;
-            json!({"value": v})
-        }
-        "set" => {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&key).arg(value()?);
-            if let Some(ttl) = input.get("ttlSeconds").and_then(Value::as_u64) {
-                cmd.arg("EX").arg(ttl.max(1));
+    let text: String = SCRIPT
+        .get_or_init(|| redis::Script::new(REDIS_OP))
+        .key(&key)
+        .key(&marker)
+        .arg(op)
+        .arg(field)
+        .arg(value)
+        .arg(by)
+        .arg(ttl)
+        .invoke_async(&mut r)
+        .await
+        .map_err(|e| {
+            if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                || e.to_string().contains("WRONGTYPE")
+            {
+                ActionError::permanent("redis_error", e.to_string())
+            } else {
+                ActionError::transient("redis_unavailable", e.to_string())
             }
-            cmd.query_async::<()>(&mut r).await.map_err(err)?;
-            json!({"ok": true})
-        }
-        "incr" => {
-            let v: i64 = redis::cmd("INCRBY")
-                .arg(&key)
-                .arg(by()?)
-                .query_async(&mut r)
-                .await
-                .map_err(err)?;
-            json!({"value": v})
-        }
-        "hget" => {
-            let v: Option<String> = redis::cmd("HGET")
-                .arg(&key)
-                .arg(field()?)
-                .query_async(&mut r)
-                .await
-                .map_err(err)?;
-            json!({"value": v})
-        }
-        "hset" => {
-            redis::cmd("HSET")
-                .arg(&key)
-                .arg(field()?)
-                .arg(value()?)
-                .query_async::<()>(&mut r)
-                .await
-                .map_err(err)?;
-            json!({"ok": true})
-        }
-        "hincrby" => {
-            let v: i64 = redis::cmd("HINCRBY")
-                .arg(&key)
-                .arg(field()?)
-                .arg(by()?)
-                .query_async(&mut r)
-                .await
-                .map_err(err)?;
-            json!({"value": v})
-        }
-        "hgetall" => {
-            let v: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
-                .arg(&key)
-                .query_async(&mut r)
-                .await
-                .map_err(err)?;
-            json!({"value": v})
-        }
-        "del" => {
-            let n: i64 = redis::cmd("DEL")
-                .arg(&key)
-                .query_async(&mut r)
-                .await
-                .map_err(err)?;
-            json!({"deleted": n})
-        }
-        other => {
-            return Err(ActionError::permanent(
-                "invalid_input",
-                format!(
-                    "op: {other:?} is not one of get, set, incr, hget, hset, hincrby, hgetall, del"
-                ),
-            ));
-        }
-    };
-    Ok(out)
+        })?;
+    serde_json::from_str(&text)
+        .map_err(|e| ActionError::permanent("redis_error", format!("unreadable result: {e}")))
 }
 
 // ---- file ----

@@ -21,9 +21,10 @@
 //! that case.
 //!
 //! **The watcher** (every `INKWIRE_WORKFLOW_WATCH_INTERVAL`, in every instance, claiming runs
-//! from the `inkwire:wf:watch` due queue) looks at each run that is due: a ready step older
-//! than the grace (its dispatch was lost in a crash between the script and the publish) or
-//! whose backoff ended is dispatched, a delay that ended is dispatched, a running step whose
+//! from the `inkwire:wf:watch` due queue) looks at each run that is due: a ready step whose
+//! backoff ended is dispatched, one ready for longer than the grace (its dispatch was lost in
+//! a crash between the script and the publish, or taken by a worker that died) is dispatched
+//! again, a delay that ended is dispatched, a running step whose
 //! lease ran out is dispatched again (the next `START` takes it over), and a run that ended
 //! gets its final event published. So no run stays "running" after a crash: every step is
 //! either done or owned by a live attempt, and the run ends when its steps do.
@@ -702,6 +703,17 @@ async fn finish(
         OnError::Continue => "continue",
         _ => "fail",
     };
+    // The step's `action_executed` event, kept in the run until it is published (a crash
+    // between the script and the publish leaves it for the watcher).
+    let ev = if step.action == Action::Condition {
+        String::new()
+    } else {
+        format!(
+            "{}|{}|{elapsed_ms}",
+            d.attempt,
+            if succeeded { "succeeded" } else { "failed" }
+        )
+    };
     let mut invocation = store::finish_script().prepare_invoke();
     invocation
         .key(&run_key)
@@ -728,7 +740,8 @@ async fn finish(
         } else {
             rendered.to_string()
         })
-        .arg(&d.run);
+        .arg(&d.run)
+        .arg(&ev);
     for s in &skip {
         invocation.arg(s);
     }
@@ -742,22 +755,7 @@ async fn finish(
     engine.dispatch_ready(&d.run, ready, 1).await?;
     let status_text = if succeeded { "succeeded" } else { "failed" };
     if step.action != Action::Condition {
-        let event = Event::builder(Category::Automation, "action_executed", "workflows")
-            .id(event_id(&format!("{}/{}/{}", d.run, d.step, d.attempt)))
-            .project(project)
-            .source("workflows")
-            .correlation(&d.run)
-            .data(json!({
-                "workflowId": loaded.definition.id,
-                "executionId": d.run,
-                "actionId": d.step,
-                "actionType": step.action.name(),
-                "status": status_text,
-                "durationMs": elapsed_ms,
-                "attempt": d.attempt,
-            }))
-            .build();
-        engine.publish_event(event).await?;
+        publish_action_event(engine, &loaded.definition, &d.run, &d.step, &ev).await?;
     }
     engine
         .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": status_text, "attempt": d.attempt, "output": output, "error": error}))
@@ -768,12 +766,92 @@ async fn finish(
     Ok(())
 }
 
+/// Publishes a step's `action_executed` event from its `ev:{step}` field
+/// (`attempt|status|durationMs`; the id derives from the run, step and attempt, so a repeat
+/// is stored once), then clears the field.
+async fn publish_action_event(
+    engine: &Engine,
+    definition: &Definition,
+    run: &str,
+    step: &str,
+    ev: &str,
+) -> anyhow::Result<()> {
+    let mut parts = ev.split('|');
+    let (Some(attempt), Some(status), Some(duration)) = (
+        parts.next().and_then(|a| a.parse::<u32>().ok()),
+        parts.next(),
+        parts.next().and_then(|d| d.parse::<u64>().ok()),
+    ) else {
+        return Ok(());
+    };
+    let action = definition
+        .steps
+        .iter()
+        .find(|s| s.id == step)
+        .map(|s| s.action.name())
+        .unwrap_or("unknown");
+    let event = Event::builder(Category::Automation, "action_executed", "workflows")
+        .id(event_id(&format!("{run}/{step}/{attempt}")))
+        .project(&definition.project_id)
+        .source("workflows")
+        .correlation(run)
+        .data(json!({
+            "workflowId": definition.id,
+            "executionId": run,
+            "actionId": step,
+            "actionType": action,
+            "status": status,
+            "durationMs": duration,
+            "attempt": attempt,
+        }))
+        .build();
+    engine.publish_event(event).await?;
+    let mut redis = engine.redis.clone();
+    redis::cmd("HDEL")
+        .arg(store::run_key(run))
+        .arg(format!("ev:{step}"))
+        .query_async::<()>(&mut redis)
+        .await?;
+    Ok(())
+}
+
+/// Publishes the `action_executed` events a crash left in the run's hash.
+async fn flush_action_events(
+    engine: &Engine,
+    run: &str,
+    fields: &HashMap<String, String>,
+) -> anyhow::Result<()> {
+    let pending: Vec<(&str, &String)> = fields
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("ev:").map(|s| (s, v)))
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (Some(wf), Some(ver)) = (
+        fields.get("wf"),
+        fields.get("ver").and_then(|v| v.parse::<u32>().ok()),
+    ) else {
+        return Ok(());
+    };
+    let loaded = engine.definition(wf, ver).await?;
+    for (step, ev) in pending {
+        publish_action_event(engine, &loaded.definition, run, step, ev).await?;
+    }
+    Ok(())
+}
+
 /// Publishes a run's final event (once: the id derives from the run) and its last frame.
 pub async fn run_ended(engine: &Engine, run: &str) -> anyhow::Result<()> {
     let mut redis = engine.redis.clone();
     let fields = read_run(&mut redis, run).await?;
     let run_status = fields.get("status").map(String::as_str).unwrap_or_default();
-    if !status::is_terminal(run_status) || fields.contains_key("announced") {
+    if !status::is_terminal(run_status) {
+        return Ok(());
+    }
+    // The steps' events before the run's (also when only they were left by a crash).
+    flush_action_events(engine, run, &fields).await?;
+    if fields.contains_key("announced") {
         return Ok(());
     }
     let project = fields.get("project").cloned().unwrap_or_default();
@@ -915,6 +993,7 @@ async fn look_at(
         queue.done(&mut redis, lease).await?;
         return Ok(());
     }
+    flush_action_events(engine, run, &fields).await?;
     let now = now_ms();
     let grace = engine.config.watch_grace.as_millis() as u64;
     let mut next = now + grace;
@@ -938,20 +1017,30 @@ async fn look_at(
         match st.as_str() {
             step_status::READY => {
                 let rd = num(format!("rd:{step}"));
-                if rd <= now {
-                    // The fast path's id: a dispatch that was stored is not stored again.
+                if rd > now {
+                    next = next.min(rd);
+                } else if now < rd + grace {
+                    // Due (a retry's backoff ended), or just released: the fast path's id, so
+                    // a dispatch that was stored is not stored again.
                     engine
                         .dispatch(&d, format!("wf:{run}:{step}:{attempt}"))
                         .await?;
+                    next = next.min(rd + grace);
                 } else {
-                    next = next.min(rd);
+                    // Ready for longer than the grace: its dispatch was lost, or went to a
+                    // worker that died holding it (JetStream would redeliver only after the
+                    // ack wait). A new id, so that it is stored; a duplicate is dropped by
+                    // the fencing.
+                    engine
+                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}:r{now}"))
+                        .await?;
                 }
             }
             step_status::WAITING => {
                 let wu = num(format!("wu:{step}"));
                 if wu <= now {
                     engine
-                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}:w{wu}"))
+                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}:w{now}"))
                         .await?;
                 } else {
                     next = next.min(wu);
@@ -961,7 +1050,7 @@ async fn look_at(
                 let ls = num(format!("ls:{step}"));
                 if ls < now {
                     engine
-                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}:l{ls}"))
+                        .dispatch(&d, format!("wf:{run}:{step}:{attempt}:l{now}"))
                         .await?;
                 } else {
                     next = next.min(ls + 1);
@@ -998,4 +1087,23 @@ pub async fn cancel(engine: &Engine, run: &str, by: &str) -> anyhow::Result<Stri
         return Ok(status::RUNNING.into());
     }
     Ok(answer)
+}
+
+/// The `workflows-worker` process: step workers and the watcher, with `/healthz` and
+/// `/readyz` on `INKWIRE_HTTP_ADDR` for the orchestrator (and the crash tests) to see it up.
+pub async fn worker_from_env() -> anyhow::Result<()> {
+    let config = WorkflowsConfig::from_env()?;
+    let app = inkwire_shared::AppState::start_from_env("inkwire-workflows-worker").await?;
+    let addr = app.config.http_addr;
+    let (trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
+    let engine = Engine::new(app.js.clone(), app.redis.clone(), config);
+    let worker = tokio::spawn(run_worker(engine, shutdown));
+    let health = inkwire_shared::http::health_routes().with_state(app);
+    inkwire_shared::http::serve(health, addr, async move {
+        inkwire_shared::http::shutdown_signal().await;
+        trigger.trigger();
+    })
+    .await?;
+    worker.await??;
+    Ok(())
 }

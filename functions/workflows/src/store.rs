@@ -6,7 +6,7 @@
 //! - `inkwire:wf:run:{runId}` — one hash per run: the run's fields (`status`, `wf`, `ver`,
 //!   `project`, `trigger`, `started`, `ended`, `error`, `left` = steps not yet in a final
 //!   state, `order` = the steps that succeeded, in completion order) and per step `{f}:{step}`:
-//!   `st` status, `at` attempt, `tk` the token of the attempt holding it, `ls` the end of
+//!   `st` status, `at` attempt, `ev` its `action_executed` event until published, `tk` the token of the attempt holding it, `ls` the end of
 //!   that attempt's lease, `rd` when a ready step may start (a retry's backoff), `wu` when a
 //!   waiting delay ends, `in` / `out` / `err` (JSON), `t0` / `t1` (ms), `deps` / `kids` (the
 //!   DAG's edges, comma-separated, so that the scripts release dependants without the
@@ -152,7 +152,9 @@ pub fn start_script() -> &'static redis::Script {
 ///
 /// KEYS: run, watch, watch lease. ARGV: step, token, outcome (`succeeded` | `failed`),
 /// strategy (`fail` | `continue`), now, watch at, output JSON (or ''), error JSON (or ''),
-/// rendered input JSON (or ''), run id, then the steps a condition did not take.
+/// rendered input JSON (or ''), run id, the step's event to publish (`ev:{step}`: attempt,
+/// status and duration, kept until the event is acknowledged), then the steps a condition
+/// did not take.
 /// Answers `{run status after, ready steps...}` or `{'stale'}` when the token is not the
 /// attempt's any more.
 ///
@@ -173,6 +175,7 @@ redis.call('HDEL', K, 'ls:' .. step)
 if ARGV[7] ~= '' then redis.call('HSET', K, 'out:' .. step, ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', K, 'err:' .. step, ARGV[8]) else redis.call('HDEL', K, 'err:' .. step) end
 if ARGV[9] ~= '' then redis.call('HSET', K, 'in:' .. step, ARGV[9]) end
+if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', K, 'ev:' .. step, ARGV[11]) end
 if ARGV[3] == 'succeeded' then
   local order = redis.call('HGET', K, 'order')
   if order and order ~= '' then order = order .. ',' .. step else order = step end
@@ -194,7 +197,7 @@ if ARGV[3] == 'failed' and ARGV[4] == 'fail' then
   return {'failed'}
 end
 local work = {step}
-for i = 11, #ARGV do
+for i = 12, #ARGV do
   local id = ARGV[i]
   if redis.call('HGET', K, 'st:' .. id) == 'pending' then
     redis.call('HSET', K, 'st:' .. id, 'skipped')
