@@ -820,3 +820,117 @@ async fn runs_survive_kill_9_of_the_worker_and_every_effect_happens_once() {
         assert_eq!(succeeded.len(), 16, "{succeeded:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_cron_schedules_start_runs() {
+    let env = env().await;
+    let (peer_url, peer) = start_peer().await;
+    let mut def = workflow(
+        "w-on-words",
+        vec![
+            json!({"id": "tell", "action": "http", "input": {"method": "POST",
+            "url": format!("{peer_url}/echo/words"), "body": {"words": "{{ trigger.data.words }}", "by": "{{ trigger.userId }}"}}}),
+        ],
+    );
+    def["triggers"] = json!([{"type": "event", "category": "writing", "eventType": "word_added",
+        "filter": [{"path": "data.words", "op": "gte", "value": 100}]}]);
+    register(&env, &def).await;
+    let word = |project: &str, words: u64| {
+        json!({"category": "writing", "type": "word_added", "userId": "u-o", "projectId": project,
+            "data": {"sessionId": "s-1", "words": words}})
+    };
+    let (s, b) = env
+        .post(
+            "/api/realtime/events/batch",
+            &env.service_token(),
+            &json!({"events": [word("p-w", 150), word("p-w", 20), word("p-other", 500), word("p-w", 100)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    // Two events pass the filter in the workflow's project: two runs, each once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, list) = env
+            .get("/api/workflows/w-on-words/executions", &env.token("olga"))
+            .await;
+        let runs = list["executions"].as_array().unwrap();
+        let done = runs.iter().filter(|r| r["status"] == "completed").count();
+        if done == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, list) = env
+        .get("/api/workflows/w-on-words/executions", &env.token("olga"))
+        .await;
+    assert_eq!(list["executions"].as_array().unwrap().len(), 2, "{list:#}");
+    let mut words: Vec<u64> = Vec::new();
+    for r in list["executions"].as_array().unwrap() {
+        let (_, v) = env
+            .get(
+                &format!("/api/workflows/executions/{}", r["runId"].as_str().unwrap()),
+                &env.token("olga"),
+            )
+            .await;
+        assert_eq!(v["trigger"]["kind"], "event");
+        words.push(
+            step(&v, "tell")["output"]["body"]["words"]
+                .as_u64()
+                .unwrap(),
+        );
+        assert_eq!(step(&v, "tell")["output"]["body"]["by"], "u-o");
+    }
+    words.sort();
+    assert_eq!(words, vec![100, 150]);
+    assert_eq!(peer.calls("/echo/words").len(), 2);
+
+    // Every second, in a time zone: a run per fire time, each with its own scheduledAt.
+    let mut cron = workflow(
+        "w-tick",
+        vec![json!({"id": "tick", "action": "redis", "input": {"op": "incr", "key": "ticks"}})],
+    );
+    cron["triggers"] =
+        json!([{"type": "cron", "schedule": "* * * * * *", "timeZone": "Europe/Paris"}]);
+    register(&env, &cron).await;
+    tokio::time::sleep(Duration::from_millis(3_300)).await;
+    // A new version without the schedule stops it.
+    cron["version"] = json!(2);
+    cron["triggers"] = json!([{"type": "manual"}]);
+    register(&env, &cron).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (_, list) = env
+        .get(
+            "/api/workflows/w-tick/executions?limit=100",
+            &env.token("olga"),
+        )
+        .await;
+    let runs = list["executions"].as_array().unwrap().clone();
+    assert!((2..=5).contains(&runs.len()), "{list:#}");
+    let mut scheduled = std::collections::BTreeSet::new();
+    for r in &runs {
+        let (_, v) = env
+            .get(
+                &format!("/api/workflows/executions/{}", r["runId"].as_str().unwrap()),
+                &env.token("olga"),
+            )
+            .await;
+        assert_eq!(v["trigger"]["kind"], "cron", "{v:#}");
+        let at = v["trigger"]["scheduledAt"].as_str().unwrap().to_string();
+        assert!(at.ends_with(":00Z") || !at.contains('.'), "{at}");
+        assert!(scheduled.insert(at.clone()), "{at} fired twice");
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (_, later) = env
+        .get(
+            "/api/workflows/w-tick/executions?limit=100",
+            &env.token("olga"),
+        )
+        .await;
+    assert_eq!(
+        later["executions"].as_array().unwrap().len(),
+        runs.len(),
+        "still firing"
+    );
+}

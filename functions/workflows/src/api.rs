@@ -128,6 +128,12 @@ async fn register(
         .await
         .map_err(redis_err)?;
     let view = json!({"id": definition.id, "version": definition.version, "projectId": definition.project_id, "definition": definition});
+    if matches!(outcome, Registered::Created | Registered::Unchanged) {
+        // Unchanged too: a retry after a failure between the two steps indexes it then.
+        crate::triggers::index(&mut redis, &definition)
+            .await
+            .map_err(redis_err)?;
+    }
     match outcome {
         Registered::Created => Ok((StatusCode::CREATED, Json(view)).into_response()),
         Registered::Unchanged => Ok((StatusCode::OK, Json(view)).into_response()),

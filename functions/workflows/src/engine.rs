@@ -920,9 +920,15 @@ pub fn consumer_spec() -> ConsumerSpec {
     spec
 }
 
-/// Runs step workers and the watcher until `shutdown`.
+/// Runs step workers, the watcher, the cron scheduler and the event triggers until
+/// `shutdown`.
 pub async fn run_worker(engine: Engine, shutdown: Shutdown) -> anyhow::Result<()> {
     let watcher = tokio::spawn(run_watcher(engine.clone(), shutdown.clone()));
+    let cron = tokio::spawn(crate::triggers::run_cron(engine.clone(), shutdown.clone()));
+    let events = tokio::spawn(crate::triggers::run_event_triggers(
+        engine.clone(),
+        shutdown.clone(),
+    ));
     let concurrency = engine.config.concurrency;
     let e = engine.clone();
     let stats = consumer::run_concurrent(
@@ -938,6 +944,12 @@ pub async fn run_worker(engine: Engine, shutdown: Shutdown) -> anyhow::Result<()
     .await?;
     tracing::info!(?stats, "workflow step worker stopped");
     let _ = watcher.await;
+    let _ = cron.await;
+    match events.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "workflow event triggers stopped"),
+        Err(e) => tracing::error!(error = %e, "workflow event triggers panicked"),
+        Ok(Ok(())) => {}
+    }
     Ok(())
 }
 

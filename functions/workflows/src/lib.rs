@@ -24,6 +24,7 @@ pub mod engine;
 pub mod registry;
 pub mod store;
 pub mod template;
+pub mod triggers;
 pub mod validate;
 
 pub use api::{WorkflowsApi, routes};
