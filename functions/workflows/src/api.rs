@@ -277,25 +277,32 @@ async fn show(
     Ok(Json(serde_json::to_value(&d).unwrap_or_default()))
 }
 
+/// A JSON body, or `{}` when there is none (no content type, or an empty body).
+async fn optional_body(
+    api: &WorkflowsApi,
+    request: axum::extract::Request,
+) -> Result<Value, Problem> {
+    use axum::extract::FromRequest;
+    let headers = request.headers();
+    let empty = !headers.contains_key(axum::http::header::CONTENT_TYPE)
+        || headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|l| l.as_bytes() == b"0");
+    if empty {
+        return Ok(json!({}));
+    }
+    Ok(JsonBody::from_request(request, api).await?.0)
+}
+
 async fn execute(
     State(api): State<WorkflowsApi>,
     caller: Caller,
     Path(id): Path<String>,
     request: axum::extract::Request,
 ) -> Result<Response, Problem> {
-    use axum::extract::FromRequest;
     let id = checked_id("workflow", &id)?;
     let headers: HeaderMap = request.headers().clone();
-    // No body (no content type, or an empty one) is `{}`: a run without input.
-    let empty = !headers.contains_key(axum::http::header::CONTENT_TYPE)
-        || headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .is_some_and(|l| l.as_bytes() == b"0");
-    let body = if empty {
-        json!({})
-    } else {
-        JsonBody::from_request(request, &api).await?.0
-    };
+    let body = optional_body(&api, request).await?;
     let Some(obj) = body.as_object() else {
         return Err(Problem::bad_request(
             "invalid_body",
@@ -470,7 +477,20 @@ async fn run_json(api: &WorkflowsApi, run: &str, full: bool) -> Result<Option<Va
                 let t0 = num(&format!("t0:{id}"));
                 let t1 = num(&format!("t1:{id}"));
                 let status = fields.get(&format!("st:{id}")).cloned().unwrap_or_default();
+                let c = format!("{id}~c");
+                let compensation = fields.get(&format!("st:{c}")).map(|cs| {
+                    json!({
+                        "status": cs,
+                        "attempts": num(&format!("at:{c}")).unwrap_or(0),
+                        "input": parse(&format!("in:{c}")),
+                        "output": parse(&format!("out:{c}")),
+                        "error": parse(&format!("err:{c}")),
+                        "startedAt": num(&format!("t0:{c}")).map(rfc3339),
+                        "endedAt": num(&format!("t1:{c}")).map(rfc3339),
+                    })
+                });
                 json!({
+                    "compensation": compensation,
                     "id": id,
                     "action": s.action.name(),
                     "dependsOn": s.depends_on,
@@ -526,14 +546,34 @@ async fn cancel(
     State(api): State<WorkflowsApi>,
     caller: Caller,
     Path(run): Path<String>,
+    request: axum::extract::Request,
 ) -> Result<Response, Problem> {
     let run = checked_id("execution", &run)?;
+    let body = optional_body(&api, request).await?;
+    let compensate = match body.as_object() {
+        Some(o) if o.keys().all(|k| k == "compensate") => match o.get("compensate") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(Problem::bad_request(
+                    "invalid_body",
+                    "compensate: must be true or false",
+                ));
+            }
+        },
+        _ => {
+            return Err(Problem::bad_request(
+                "invalid_body",
+                "the body is {} or {\"compensate\": true}",
+            ));
+        }
+    };
     if !run_right(&api, &caller, run).await? {
         return Err(Problem::forbidden(
             "only the project's owners cancel its runs",
         ));
     }
-    let before = engine::cancel(&api.engine, run, &caller.user_id)
+    let before = engine::cancel(&api.engine, run, &caller.user_id, compensate)
         .await
         .map_err(redis_err)?;
     if before != status::RUNNING {

@@ -232,6 +232,33 @@ fn event_id(parts: &str) -> Uuid {
     )
 }
 
+/// The suffix of a compensation's pseudo-step (`{stepId}~c`): not an identifier character,
+/// so it never collides with a step of the definition.
+pub const COMPENSATION: &str = "~c";
+
+/// The step a dispatch names: one of the definition, or the compensation of one (its
+/// `compensate` action and input, with the step's retry policy and timeout; a compensation
+/// that fails still lets the next one run).
+pub fn step_to_run(loaded: &Loaded, id: &str) -> Option<Step> {
+    match id.strip_suffix(COMPENSATION) {
+        None => loaded.step(id).cloned(),
+        Some(base) => {
+            let s = loaded.step(base)?;
+            let c = s.compensate.as_ref()?;
+            Some(Step {
+                id: id.to_string(),
+                action: c.action,
+                input: c.input.clone(),
+                depends_on: Vec::new(),
+                retry: s.retry.clone(),
+                timeout: s.timeout,
+                on_error: OnError::Continue,
+                compensate: None,
+            })
+        }
+    }
+}
+
 /// How a run was started.
 #[derive(Debug, Clone)]
 pub struct StartRequest {
@@ -283,6 +310,9 @@ pub async fn start_run(
         }
         fields.push((format!("deps:{id}"), s.depends_on.join(",")));
         fields.push((format!("kids:{id}"), loaded.dag.dependants(id).join(",")));
+        if s.compensate.is_some() {
+            fields.push((format!("cmp:{id}"), "1".into()));
+        }
     }
     let run_key = store::run_key(&run);
     let once_key = match &request.once {
@@ -421,7 +451,8 @@ enum Outcome {
 pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerError> {
     let d: Dispatch = serde_json::from_slice(&delivery.payload)
         .map_err(|e| HandlerError::Permanent(format!("not a step dispatch: {e}")))?;
-    if !is_identifier(&d.run) || !is_identifier(&d.step) || d.attempt == 0 {
+    let base_step = d.step.strip_suffix(COMPENSATION).unwrap_or(&d.step);
+    if !is_identifier(&d.run) || !is_identifier(base_step) || d.attempt == 0 {
         return Err(HandlerError::Permanent(
             "a step dispatch with bad ids".into(),
         ));
@@ -442,12 +473,13 @@ pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerEr
         .definition(wf, ver)
         .await
         .map_err(|e| retry(e.to_string()))?;
-    let Some(step) = loaded.step(&d.step) else {
+    let Some(step) = step_to_run(&loaded, &d.step) else {
         return Err(HandlerError::Permanent(format!(
             "no step {} in {wf} v{ver}",
             d.step
         )));
     };
+    let step = &step;
     let token = Uuid::new_v4().simple().to_string();
     let now = now_ms();
     let lease_until =
@@ -567,7 +599,12 @@ async fn run_step(
             };
             let work = actions::run(&engine.actions, action, &scope, input);
             let timeout = tokio::time::sleep(step.timeout.0);
-            let cancelled = watch_cancel(engine.redis.clone(), &d.run);
+            let expected = if d.step.ends_with(COMPENSATION) {
+                status::ROLLING_BACK
+            } else {
+                status::RUNNING
+            };
+            let cancelled = watch_cancel(engine.redis.clone(), &d.run, expected);
             tokio::select! {
                 r = work => match r {
                     Ok(output) => Outcome::Succeeded { output, skip: Vec::new() },
@@ -583,8 +620,9 @@ async fn run_step(
     }
 }
 
-/// Resolves when the run is no longer running (cancelled, or failed by another branch).
-async fn watch_cancel(mut redis: ConnectionManager, run: &str) {
+/// Resolves when the run's status is no longer `expected` (cancelled, or failed or rolling
+/// back because of another branch).
+async fn watch_cancel(mut redis: ConnectionManager, run: &str, expected: &str) {
     let key = store::run_key(run);
     loop {
         tokio::time::sleep(CANCEL_POLL).await;
@@ -593,8 +631,8 @@ async fn watch_cancel(mut redis: ConnectionManager, run: &str) {
             .arg("status")
             .query_async(&mut redis)
             .await
-            .unwrap_or(Some(status::RUNNING.into()));
-        if s.as_deref() != Some(status::RUNNING) {
+            .unwrap_or(Some(expected.into()));
+        if s.as_deref() != Some(expected) {
             return;
         }
     }
@@ -701,7 +739,8 @@ async fn finish(
     };
     let strategy = match step.on_error {
         OnError::Continue => "continue",
-        _ => "fail",
+        OnError::Rollback => "rollback",
+        OnError::Fail | OnError::Retry => "fail",
     };
     // The step's `action_executed` event, kept in the run until it is published (a crash
     // between the script and the publish leaves it for the watcher).
@@ -784,12 +823,28 @@ async fn publish_action_event(
     ) else {
         return Ok(());
     };
-    let action = definition
-        .steps
-        .iter()
-        .find(|s| s.id == step)
-        .map(|s| s.action.name())
-        .unwrap_or("unknown");
+    // A compensation is reported under its step's id, with the action it ran.
+    let (action_id, action) = match step.strip_suffix(COMPENSATION) {
+        None => (
+            step,
+            definition
+                .steps
+                .iter()
+                .find(|s| s.id == step)
+                .map(|s| s.action.name().to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        ),
+        Some(base) => (
+            base,
+            definition
+                .steps
+                .iter()
+                .find(|s| s.id == base)
+                .and_then(|s| s.compensate.as_ref())
+                .map(|c| format!("compensation:{}", c.action.name()))
+                .unwrap_or_else(|| "compensation".into()),
+        ),
+    };
     let event = Event::builder(Category::Automation, "action_executed", "workflows")
         .id(event_id(&format!("{run}/{step}/{attempt}")))
         .project(&definition.project_id)
@@ -798,7 +853,7 @@ async fn publish_action_event(
         .data(json!({
             "workflowId": definition.id,
             "executionId": run,
-            "actionId": step,
+            "actionId": action_id,
             "actionType": action,
             "status": status,
             "durationMs": duration,
@@ -1082,27 +1137,44 @@ async fn look_at(
     Ok(())
 }
 
-/// Cancels a run; answers the run's status before (`running` when this call cancelled it).
-pub async fn cancel(engine: &Engine, run: &str, by: &str) -> anyhow::Result<String> {
+/// Cancels a run (running the completed steps' compensations first when `compensate`);
+/// answers the run's status before (`running` when this call cancelled it).
+pub async fn cancel(
+    engine: &Engine,
+    run: &str,
+    by: &str,
+    compensate: bool,
+) -> anyhow::Result<String> {
     let mut redis = engine.redis.clone();
-    let answer: String = store::cancel_script()
+    let answer: Vec<String> = store::cancel_script()
         .key(store::run_key(run))
         .key(store::watch_key())
         .key(store::watch_lease_key(run))
         .arg(now_ms())
         .arg(json!({"code": "cancelled", "message": format!("cancelled by {by}")}).to_string())
         .arg(run)
+        .arg(if compensate { "1" } else { "0" })
         .invoke_async(&mut redis)
         .await?;
-    if answer == "ok" {
-        run_ended(engine, run).await?;
-        return Ok(status::RUNNING.into());
+    match answer.as_slice() {
+        [ok, first] if ok == "ok" => {
+            if first.is_empty() {
+                run_ended(engine, run).await?;
+            } else {
+                engine
+                    .dispatch_ready(run, std::slice::from_ref(first), 1)
+                    .await?;
+            }
+            Ok(status::RUNNING.into())
+        }
+        [other, ..] => Ok(other.clone()),
+        [] => Ok("missing".into()),
     }
-    Ok(answer)
 }
 
-/// The `workflows-worker` process: step workers and the watcher, with `/healthz` and
-/// `/readyz` on `INKWIRE_HTTP_ADDR` for the orchestrator (and the crash tests) to see it up.
+/// The `workflows-worker` process: step workers, the watcher, cron and event triggers, with
+/// `/healthz` and `/readyz` on `INKWIRE_HTTP_ADDR` for the orchestrator (and the crash
+/// tests) to see it up.
 pub async fn worker_from_env() -> anyhow::Result<()> {
     let config = WorkflowsConfig::from_env()?;
     let app = inkwire_shared::AppState::start_from_env("inkwire-workflows-worker").await?;

@@ -11,6 +11,8 @@
 //!   waiting delay ends, `in` / `out` / `err` (JSON), `t0` / `t1` (ms), `deps` / `kids` (the
 //!   DAG's edges, comma-separated, so that the scripts release dependants without the
 //!   definition).
+//!   A step with a compensation has `cmp:{step}`; while a run rolls back, each compensation
+//!   is a pseudo-step `{step}~c` with the same fields, chained in reverse completion order.
 //! - `inkwire:wf:runs:{workflowId}` — a sorted set of its runs by start time (the executions
 //!   list); `inkwire:wf:once:{workflowId}:{key}` — the run an idempotency key or a triggering
 //!   event started (a second start answers that run).
@@ -69,6 +71,8 @@ pub mod status {
     pub const COMPLETED: &str = "completed";
     pub const FAILED: &str = "failed";
     pub const CANCELLED: &str = "cancelled";
+    /// Compensations are running; then the run is failed or cancelled.
+    pub const ROLLING_BACK: &str = "rolling_back";
 
     pub fn is_terminal(s: &str) -> bool {
         matches!(s, COMPLETED | FAILED | CANCELLED)
@@ -123,7 +127,10 @@ local K = KEYS[1]
 local step = ARGV[1]
 local now = tonumber(ARGV[4])
 local st = redis.call('HGET', K, 'status')
-if st ~= 'running' then return {'run', st or 'missing'} end
+local comp = string.sub(step, -2) == '~c'
+if not ((st == 'running' and not comp) or (st == 'rolling_back' and comp)) then
+  return {'run', st or 'missing'}
+end
 local s = redis.call('HGET', K, 'st:' .. step)
 local a = tonumber(redis.call('HGET', K, 'at:' .. step) or '0')
 if a ~= tonumber(ARGV[2]) then return {'stale', s or ''} end
@@ -176,14 +183,24 @@ if ARGV[7] ~= '' then redis.call('HSET', K, 'out:' .. step, ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', K, 'err:' .. step, ARGV[8]) else redis.call('HDEL', K, 'err:' .. step) end
 if ARGV[9] ~= '' then redis.call('HSET', K, 'in:' .. step, ARGV[9]) end
 if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', K, 'ev:' .. step, ARGV[11]) end
-if ARGV[3] == 'succeeded' then
+local comp = string.sub(step, -2) == '~c'
+if ARGV[3] == 'succeeded' and not comp then
   local order = redis.call('HGET', K, 'order')
   if order and order ~= '' then order = order .. ',' .. step else order = step end
   redis.call('HSET', K, 'order', order)
 end
-local left = redis.call('HINCRBY', K, 'left', -1)
 local status = redis.call('HGET', K, 'status')
-if status ~= 'running' then return {status} end
+-- A result that arrives after the run stopped running (failed, cancelled, rolling back for
+-- another step) is kept but changes nothing else.
+if not ((status == 'running' and not comp) or (status == 'rolling_back' and comp)) then
+  return {status}
+end
+local left = redis.call('HINCRBY', K, 'left', -1)
+if ARGV[3] == 'failed' and ARGV[4] == 'rollback' then
+  local first = begin_rollback(K, now, 'failed', ARGV[8], KEYS[2], KEYS[3], ARGV[10])
+  if first then return {'rolling_back', first} end
+  return {'failed'}
+end
 if ARGV[3] == 'failed' and ARGV[4] == 'fail' then
   local all = redis.call('HGETALL', K)
   for i = 1, #all, 2 do
@@ -229,8 +246,10 @@ while #work > 0 do
   end
 end
 if left <= 0 then
-  redis.call('HSET', K, 'status', 'completed', 'ended', now)
-  return {'completed'}
+  local final = 'completed'
+  if status == 'rolling_back' then final = redis.call('HGET', K, 'endas') or 'failed' end
+  redis.call('HSET', K, 'status', final, 'ended', now)
+  return {final}
 end
 if #ready > 0 then
   redis.call('ZADD', KEYS[2], 'LT', ARGV[6], ARGV[10])
@@ -243,7 +262,7 @@ return out
 
 pub fn finish_script() -> &'static redis::Script {
     static S: OnceLock<redis::Script> = OnceLock::new();
-    script(&S, FINISH)
+    S.get_or_init(|| redis::Script::new(&format!("{BEGIN_ROLLBACK}{FINISH}")))
 }
 
 /// Puts a running step back to `ready` for its next attempt (after a backoff), or to
@@ -259,7 +278,10 @@ if redis.call('HGET', K, 'tk:' .. step) ~= ARGV[2] or redis.call('HGET', K, 'st:
   return 'stale'
 end
 local status = redis.call('HGET', K, 'status')
-if status ~= 'running' then return status end
+local comp = string.sub(step, -2) == '~c'
+if not ((status == 'running' and not comp) or (status == 'rolling_back' and comp)) then
+  return status
+end
 redis.call('HSET', K, 'st:' .. step, ARGV[3], 'at:' .. step, ARGV[4])
 if ARGV[3] == 'ready' then
   redis.call('HSET', K, 'rd:' .. step, ARGV[5])
@@ -279,12 +301,19 @@ pub fn suspend_script() -> &'static redis::Script {
 }
 
 /// Cancels a running run: steps not started become `cancelled`, attempts running see the
-/// status at their next await point and stop. KEYS: run, watch, watch lease. ARGV: now,
-/// reason JSON, run id. Answers `ok` or the run's status.
+/// status at their next await point and stop. With compensations asked for, the completed
+/// steps' compensations run first (the run is `rolling_back`, then `cancelled`).
+/// KEYS: run, watch, watch lease. ARGV: now, reason JSON, run id, compensate (`1` | `0`).
+/// Answers `{'ok', first compensation or ''}` or `{the run's status}`.
 const CANCEL: &str = r#"
 local K = KEYS[1]
 local status = redis.call('HGET', K, 'status')
-if status ~= 'running' then return status or 'missing' end
+if status ~= 'running' then return {status or 'missing'} end
+if ARGV[4] == '1' then
+  local first = begin_rollback(K, ARGV[1], 'cancelled', ARGV[2], KEYS[2], KEYS[3], ARGV[3])
+  if first then return {'ok', first} end
+  return {'ok', ''}
+end
 local all = redis.call('HGETALL', K)
 for i = 1, #all, 2 do
   local f, v = all[i], all[i + 1]
@@ -295,13 +324,57 @@ end
 redis.call('HSET', K, 'status', 'cancelled', 'ended', ARGV[1], 'error', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
 redis.call('DEL', KEYS[3])
-return 'ok'
+return {'ok', ''}
 "#;
 
 pub fn cancel_script() -> &'static redis::Script {
     static S: OnceLock<redis::Script> = OnceLock::new();
-    script(&S, CANCEL)
+    S.get_or_init(|| redis::Script::new(&format!("{BEGIN_ROLLBACK}{CANCEL}")))
 }
+
+/// Starts a rollback (a Lua function the finish and cancel scripts share): every step not
+/// started is skipped (`cancelled` when the run is cancelled); the compensations of the
+/// steps that succeeded — those with one (`cmp:{id}`), in reverse completion order — become
+/// a chain of pseudo-steps `{id}~c`, the first one ready; the run is `rolling_back` until
+/// the chain ends, then `endas` (`failed` or `cancelled`). Without compensations the run
+/// ends at once. Answers the first compensation, or nil.
+const BEGIN_ROLLBACK: &str = r#"
+local function begin_rollback(K, now, endas, err, watch, lease, run)
+  local mark = 'skipped'
+  if endas == 'cancelled' then mark = 'cancelled' end
+  local all = redis.call('HGETALL', K)
+  for i = 1, #all, 2 do
+    local f, v = all[i], all[i + 1]
+    if string.sub(f, 1, 3) == 'st:' and (v == 'pending' or v == 'ready' or v == 'waiting') then
+      redis.call('HSET', K, f, mark)
+    end
+  end
+  local order = {}
+  for id in string.gmatch(redis.call('HGET', K, 'order') or '', '[^,]+') do
+    table.insert(order, id)
+  end
+  local comps = {}
+  for i = #order, 1, -1 do
+    if redis.call('HGET', K, 'cmp:' .. order[i]) then table.insert(comps, order[i] .. '~c') end
+  end
+  if err ~= '' then redis.call('HSET', K, 'error', err) end
+  if #comps == 0 then
+    redis.call('HSET', K, 'status', endas, 'ended', now)
+    redis.call('ZADD', watch, now, run)
+    redis.call('DEL', lease)
+    return nil
+  end
+  redis.call('HSET', K, 'status', 'rolling_back', 'endas', endas, 'left', #comps)
+  for i, c in ipairs(comps) do
+    redis.call('HSET', K, 'st:' .. c, 'pending', 'at:' .. c, '0',
+      'deps:' .. c, comps[i - 1] or '', 'kids:' .. c, comps[i + 1] or '')
+  end
+  redis.call('HSET', K, 'st:' .. comps[1], 'ready', 'at:' .. comps[1], '1', 'rd:' .. comps[1], now)
+  redis.call('ZADD', watch, 'LT', tonumber(now) + 5000, run)
+  redis.call('DEL', lease)
+  return comps[1]
+end
+"#;
 
 /// The watcher's reschedule: sets the run's next look only if no script moved it since
 /// the watcher claimed it (the claim's lease key still holds its token).
