@@ -55,7 +55,8 @@ impl Peer {
     }
 }
 
-/// `/ok/{name}` answers `{"name", "n"}`; `/flaky/{name}?fails=N` answers 503 to the first N
+/// `/ok/{name}` answers `{"name", "n"}`; `/fail-first/{name}?n=N` answers 503 to the first N
+/// calls whatever their key; `/flaky/{name}?fails=N` answers 503 to the first N
 /// calls with one idempotency key; `/slow/{name}?ms=` answers after a while; `/bad/{name}`
 /// is 400; `/echo/{name}` answers the request body.
 async fn start_peer() -> (String, Peer) {
@@ -113,8 +114,25 @@ async fn start_peer() -> (String, Peer) {
         p.record(format!("/echo/{name}"), &h);
         Json(serde_json::from_str(&body).unwrap_or(Value::String(body)))
     }
+    async fn fail_first(
+        State(p): State<Peer>,
+        Path(name): Path<String>,
+        Query(q): Query<HashMap<String, String>>,
+        h: HeaderMap,
+    ) -> (axum::http::StatusCode, Json<Value>) {
+        let path = format!("/fail-first/{name}");
+        p.record(path.clone(), &h);
+        let n = p.calls(&path).len();
+        let fails: usize = q.get("n").and_then(|f| f.parse().ok()).unwrap_or(1);
+        if n <= fails {
+            (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(json!({"n": n})))
+        } else {
+            (axum::http::StatusCode::OK, Json(json!({"n": n})))
+        }
+    }
     let app = Router::new()
         .route("/ok/{name}", get(ok))
+        .route("/fail-first/{name}", get(fail_first))
         .route("/flaky/{name}", get(flaky))
         .route("/slow/{name}", get(slow))
         .route("/bad/{name}", get(bad))
@@ -1015,4 +1033,86 @@ async fn rollback_runs_the_compensations_in_reverse_order_and_cancel_can_ask_for
     assert_eq!(view["status"], "cancelled", "{view:#}");
     assert_eq!(peer.calls("/ok/undo-a2").len(), 1);
     assert_eq!(step(&view, "a")["compensation"]["status"], "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_reruns_from_the_failed_step_keeping_what_succeeded() {
+    let env = env().await;
+    let (peer_url, peer) = start_peer().await;
+    let once = json!({"maxAttempts": 1});
+    let mut def = workflow(
+        "w-rerun",
+        vec![
+            http_step("a", format!("{peer_url}/ok/ra"), &[]),
+            json!({"id": "b", "action": "http", "dependsOn": ["a"], "retry": once,
+                "input": {"url": format!("{peer_url}/fail-first/rb?n=1")}}),
+            json!({"id": "c", "action": "http", "dependsOn": ["b"], "input": {"method": "POST",
+                "url": format!("{peer_url}/echo/rc"), "body": {"a": "{{ steps.a.output.body.n }}"}}}),
+        ],
+    );
+    register(&env, &def).await;
+    let first = execute(&env, "w-rerun", &json!({})).await;
+    let failed = ended(&env, &first, Duration::from_secs(10)).await;
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert_eq!(step(&failed, "c")["status"], "skipped");
+    let path = format!("/api/workflows/executions/{first}/rerun");
+    let (s, _) = env.post(&path, &env.token("rita"), &json!({})).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = env.post(&path, &env.token("olga"), &json!({"version": "2"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, b) = env.post(&path, &env.token("olga"), &json!({})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let second = b["runId"].as_str().unwrap().to_string();
+    let view = ended(&env, &second, Duration::from_secs(10)).await;
+    assert_eq!(view["status"], "completed", "{view:#}");
+    assert_eq!(view["rerunOf"], first.as_str());
+    // `a` kept its output (it did not run again); `b` and `c` ran.
+    assert_eq!(peer.calls("/ok/ra").len(), 1);
+    assert_eq!(step(&view, "a")["output"], step(&failed, "a")["output"]);
+    assert_eq!(step(&view, "c")["output"]["body"], json!({"a": 1}));
+    let events = events_with(&env, &second, "workflow_started").await;
+    assert_eq!(events.iter().find(|e| e["type"] == "workflow_started").unwrap()["data"]["trigger"], "rerun");
+    // A completed run is not rerun; a missing one is 404.
+    let (s, b) = env
+        .post(&format!("/api/workflows/executions/{second}/rerun"), &env.token("olga"), &json!({}))
+        .await;
+    assert_eq!((s, b["code"].as_str()), (StatusCode::CONFLICT, Some("execution_not_rerunnable")));
+    let (s, _) = env
+        .post("/api/workflows/executions/nope/rerun", &env.token("olga"), &json!({}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // On a newer version: its new step runs too.
+    def["version"] = json!(2);
+    def["steps"].as_array_mut().unwrap().push(http_step("d", format!("{peer_url}/ok/rd"), &["c"]));
+    register(&env, &def).await;
+    let (s, b) = env.post(&path, &env.token("olga"), &json!({"version": 2})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let view = ended(&env, b["runId"].as_str().unwrap(), Duration::from_secs(10)).await;
+    assert_eq!((view["status"].as_str(), view["version"].as_u64()), (Some("completed"), Some(2)));
+    assert_eq!(step(&view, "d")["status"], "succeeded");
+
+    // `onError: retry`: the engine reruns the run by itself after the step's maxInterval.
+    let auto = workflow(
+        "w-auto",
+        vec![json!({"id": "x", "action": "http", "onError": "retry",
+            "retry": {"maxAttempts": 1, "initialInterval": "100ms", "maxInterval": "300ms"},
+            "input": {"url": format!("{peer_url}/fail-first/auto?n=2")}})],
+    );
+    register(&env, &auto).await;
+    execute(&env, "w-auto", &json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let list = loop {
+        let (_, list) = env.get("/api/workflows/w-auto/executions", &env.token("olga")).await;
+        if list["executions"].as_array().unwrap().iter().any(|r| r["status"] == "completed") {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "{list:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let runs = list["executions"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "{list:#}");
+    assert_eq!(runs[0]["automaticRerun"], 2, "{list:#}");
+    assert_eq!(runs[0]["rerunOf"], runs[1]["runId"]);
+    assert_eq!(peer.calls("/fail-first/auto").len(), 3);
 }

@@ -10,7 +10,9 @@
 //! - `GET /api/workflows/{id}/executions?limit=&cursor=` — its runs, newest first;
 //! - `GET /api/workflows/executions/{runId}` — a run with every step's status, attempts,
 //!   input, output, error and timings;
-//! - `POST /api/workflows/executions/{runId}/cancel`.
+//! - `POST /api/workflows/executions/{runId}/cancel` — `{compensate?}`;
+//! - `POST /api/workflows/executions/{runId}/rerun` — `{version?}`: a failed or cancelled
+//!   run again from where it stopped, keeping the outputs of the steps that succeeded.
 //!
 //! Who: a workflow belongs to its project; members (any role) read it and its runs, owners
 //! register, execute and cancel; `service` and `admin` tokens everything. A workflow or run
@@ -59,6 +61,7 @@ pub fn routes(api: WorkflowsApi) -> Router {
         .route("/api/workflows/{id}/executions", get(executions))
         .route("/api/workflows/executions/{run}", get(run_view))
         .route("/api/workflows/executions/{run}/cancel", post(cancel))
+        .route("/api/workflows/executions/{run}/rerun", post(rerun))
         .with_state(api)
 }
 
@@ -464,6 +467,8 @@ async fn run_json(api: &WorkflowsApi, run: &str, full: bool) -> Result<Option<Va
         "endedAt": num("ended").map(rfc3339),
         "durationMs": num("ended").zip(num("started")).map(|(e, s)| e.saturating_sub(s)),
         "error": parse("error"),
+        "rerunOf": fields.get("rerunOf"),
+        "automaticRerun": num("auto"),
     });
     if full {
         v["trigger"] = parse("trigger").unwrap_or(Value::Null);
@@ -585,4 +590,58 @@ async fn cancel(
     }
     let view = run_json(&api, run, true).await?;
     Ok((StatusCode::OK, Json(view.unwrap_or(Value::Null))).into_response())
+}
+
+async fn rerun(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Path(run): Path<String>,
+    request: axum::extract::Request,
+) -> Result<Response, Problem> {
+    let run = checked_id("execution", &run)?;
+    let body = optional_body(&api, request).await?;
+    let version = match body.as_object() {
+        Some(o) if o.keys().all(|k| k == "version") => match o.get("version") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|v| (1..=u32::MAX as u64).contains(v))
+                    .ok_or_else(|| {
+                        Problem::bad_request("invalid_body", "version: must be a version number")
+                    })? as u32,
+            ),
+        },
+        _ => {
+            return Err(Problem::bad_request(
+                "invalid_body",
+                "the body is {} or {\"version\": n}",
+            ));
+        }
+    };
+    if !run_right(&api, &caller, run).await? {
+        return Err(Problem::forbidden("only the project's owners rerun its runs"));
+    }
+    let outcome = engine::rerun(&api.engine, run, version, &caller.user_id, 0)
+        .await
+        .map_err(redis_err)?;
+    match outcome {
+        Ok((new_run, version)) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"runId": new_run, "rerunOf": run, "version": version})),
+        )
+            .into_response()),
+        Err(engine::RerunRefused::Missing) => Err(not_found("execution", run)),
+        Err(engine::RerunRefused::NotEnded(status)) => Err(Problem::conflict(
+            "execution_not_rerunnable",
+            format!("only failed or cancelled runs are rerun; this one is {status}"),
+        )
+        .with_extension("status", status)),
+        Err(engine::RerunRefused::NothingToRerun) => Err(Problem::conflict(
+            "nothing_to_rerun",
+            "every step of the run succeeded or was skipped",
+        )),
+        Err(engine::RerunRefused::NoVersion(v)) => Err(Problem::not_found(format!(
+            "the workflow has no version {v}"
+        ))),
+    }
 }

@@ -277,9 +277,101 @@ pub async fn start_run(
     loaded: &Loaded,
     request: StartRequest,
 ) -> anyhow::Result<(String, bool)> {
-    let def = &loaded.definition;
+    start_planned(engine, loaded, request, None).await
+}
+
+/// What a rerun keeps of the run it repeats: the steps that succeeded there (status,
+/// output, input, attempts, timings), and the state every other step starts in.
+#[derive(Debug, Clone, Default)]
+pub struct RerunPlan {
+    /// The run it repeats.
+    pub of: String,
+    /// Each step's starting state: `succeeded` (kept), `skipped` (a kept condition did not
+    /// take its branch), `ready` or `pending`.
+    pub states: HashMap<String, &'static str>,
+    /// The fields copied for the kept steps.
+    pub kept: Vec<(String, String)>,
+    /// The kept steps in their completion order (for a later rollback).
+    pub order: String,
+}
+
+/// Plans a rerun of `old` (its run hash) on `loaded` (the same version or a newer one):
+/// steps that succeeded keep their outputs; the others run again from where the run
+/// stopped. `None` when nothing would run again.
+pub fn plan_rerun(old_run: &str, old: &HashMap<String, String>, loaded: &Loaded) -> Option<RerunPlan> {
+    let mut plan = RerunPlan {
+        of: old_run.to_string(),
+        ..Default::default()
+    };
+    let kept = |id: &str| old.get(&format!("st:{id}")).map(String::as_str) == Some(step_status::SUCCEEDED);
+    for id in loaded.dag.order() {
+        let step = loaded.step(id)?;
+        let state = if kept(id) {
+            for f in ["out", "in", "at", "t0", "t1"] {
+                if let Some(v) = old.get(&format!("{f}:{id}")) {
+                    plan.kept.push((format!("{f}:{id}"), v.clone()));
+                }
+            }
+            step_status::SUCCEEDED
+        } else {
+            let deps = &step.depends_on;
+            let not_taken = deps.iter().any(|d| {
+                let Some(dep) = loaded.step(d) else { return false };
+                if dep.action != Action::Condition || plan.states.get(d.as_str()) != Some(&step_status::SUCCEEDED) {
+                    return false;
+                }
+                let taken = old
+                    .get(&format!("out:{d}"))
+                    .and_then(|o| serde_json::from_str::<Value>(o).ok())
+                    .and_then(|o| o["branch"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let other = if taken == "then" { "else" } else { "then" };
+                dep.input[other]
+                    .as_array()
+                    .is_some_and(|ids| ids.iter().any(|v| v.as_str() == Some(id)))
+            });
+            if not_taken || deps.iter().any(|d| plan.states.get(d.as_str()) == Some(&step_status::SKIPPED)) {
+                step_status::SKIPPED
+            } else if deps.iter().all(|d| plan.states.get(d.as_str()) == Some(&step_status::SUCCEEDED)) {
+                step_status::READY
+            } else {
+                step_status::PENDING
+            }
+        };
+        plan.states.insert(id.to_string(), state);
+    }
+    let order: Vec<&str> = old
+        .get("order")
+        .map(String::as_str)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|id| plan.states.get(*id) == Some(&step_status::SUCCEEDED))
+        .collect();
+    plan.order = order.join(",");
+    plan.states
+        .values()
+        .any(|s| *s == step_status::READY)
+        .then_some(plan)
+}
+
+/// Starts a run, from scratch or as a rerun.
+pub async fn start_planned(
+    engine: &Engine,
+    loaded: &Loaded,
+    request: StartRequest,
+    plan: Option<RerunPlan>,
+) -> anyhow::Result<(String, bool)> {
     let run = Uuid::now_v7().simple().to_string();
     let now = now_ms();
+    let def = &loaded.definition;
+    let left = match &plan {
+        None => def.steps.len(),
+        Some(p) => p
+            .states
+            .values()
+            .filter(|s| **s == step_status::READY || **s == step_status::PENDING)
+            .count(),
+    };
     let mut fields: Vec<(String, String)> = vec![
         ("status".into(), status::RUNNING.into()),
         ("wf".into(), def.id.clone()),
@@ -288,25 +380,30 @@ pub async fn start_run(
         ("trigger".into(), request.trigger.to_string()),
         ("by".into(), request.started_by.clone()),
         ("started".into(), now.to_string()),
-        ("left".into(), def.steps.len().to_string()),
+        ("left".into(), left.to_string()),
     ];
+    if let Some(p) = &plan {
+        fields.push(("rerunOf".into(), p.of.clone()));
+        fields.push(("order".into(), p.order.clone()));
+        fields.extend(p.kept.iter().cloned());
+    }
     let mut roots = Vec::new();
     for s in &def.steps {
         let id = &s.id;
-        let root = s.depends_on.is_empty();
-        fields.push((
-            format!("st:{id}"),
-            if root {
-                step_status::READY
-            } else {
-                step_status::PENDING
+        let state = match &plan {
+            None if s.depends_on.is_empty() => step_status::READY,
+            None => step_status::PENDING,
+            Some(p) => p.states.get(id).copied().unwrap_or(step_status::PENDING),
+        };
+        fields.push((format!("st:{id}"), state.into()));
+        match state {
+            step_status::READY => {
+                fields.push((format!("at:{id}"), "1".into()));
+                fields.push((format!("rd:{id}"), now.to_string()));
+                roots.push(id.clone());
             }
-            .into(),
-        ));
-        fields.push((format!("at:{id}"), if root { "1" } else { "0" }.into()));
-        if root {
-            fields.push((format!("rd:{id}"), now.to_string()));
-            roots.push(id.clone());
+            step_status::SUCCEEDED => {}
+            _ => fields.push((format!("at:{id}"), "0".into())),
         }
         fields.push((format!("deps:{id}"), s.depends_on.join(",")));
         fields.push((format!("kids:{id}"), loaded.dag.dependants(id).join(",")));
@@ -350,7 +447,7 @@ pub async fn start_run(
         "workflowId": def.id,
         "executionId": run,
         "version": def.version,
-        "trigger": trigger_kind(&request.trigger),
+        "trigger": if plan.is_some() { "rerun" } else { trigger_kind(&request.trigger) },
     }))
     .build();
     // The run exists from here on; the event and the first dispatches are also redone by the
@@ -800,6 +897,9 @@ async fn finish(
         .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": status_text, "attempt": d.attempt, "output": output, "error": error}))
         .await;
     if status::is_terminal(run_status) {
+        if run_status == status::FAILED && !succeeded && step.on_error == OnError::Retry {
+            schedule_auto_rerun(engine, &d.run, step).await?;
+        }
         run_ended(engine, &d.run).await?;
     }
     Ok(())
@@ -1170,6 +1270,121 @@ pub async fn cancel(
         [other, ..] => Ok(other.clone()),
         [] => Ok("missing".into()),
     }
+}
+
+/// Why a run cannot be rerun.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RerunRefused {
+    Missing,
+    /// Only failed and cancelled runs are rerun (the status says what it is).
+    NotEnded(String),
+    /// Every step succeeded or was skipped: nothing would run again.
+    NothingToRerun,
+    /// The asked version is not registered.
+    NoVersion(u32),
+}
+
+/// Reruns a failed or cancelled run from where it stopped, on its version or `version`;
+/// answers the new run's id.
+pub async fn rerun(
+    engine: &Engine,
+    old_run: &str,
+    version: Option<u32>,
+    started_by: &str,
+    auto: u32,
+) -> anyhow::Result<Result<(String, u32), RerunRefused>> {
+    let mut redis = engine.redis.clone();
+    let old = read_run(&mut redis, old_run).await?;
+    let (Some(wf), Some(ver), Some(st)) = (
+        old.get("wf"),
+        old.get("ver").and_then(|v| v.parse::<u32>().ok()),
+        old.get("status"),
+    ) else {
+        return Ok(Err(RerunRefused::Missing));
+    };
+    if st != status::FAILED && st != status::CANCELLED {
+        return Ok(Err(RerunRefused::NotEnded(st.clone())));
+    }
+    let version = version.unwrap_or(ver);
+    if registry::load(&mut redis, wf, version).await?.is_none() {
+        return Ok(Err(RerunRefused::NoVersion(version)));
+    }
+    let loaded = engine.definition(wf, version).await?;
+    let Some(plan) = plan_rerun(old_run, &old, &loaded) else {
+        return Ok(Err(RerunRefused::NothingToRerun));
+    };
+    let trigger = old
+        .get("trigger")
+        .and_then(|t| serde_json::from_str::<Value>(t).ok())
+        .unwrap_or(Value::Null);
+    let once = (auto > 0).then(|| format!("auto-{old_run}"));
+    let (run, _) = start_planned(
+        engine,
+        &loaded,
+        StartRequest {
+            trigger,
+            started_by: started_by.to_string(),
+            once,
+        },
+        Some(plan),
+    )
+    .await?;
+    if auto > 0 {
+        redis::cmd("HSET")
+            .arg(store::run_key(&run))
+            .arg("auto")
+            .arg(auto)
+            .query_async::<()>(&mut redis)
+            .await?;
+    }
+    Ok(Ok((run, version)))
+}
+
+/// Automatic reruns (`onError: retry`) at most this many times in a row.
+pub const MAX_AUTO_RERUNS: u32 = 3;
+
+/// The due queue of automatic reruns (member: the failed run).
+pub fn reruns_key() -> String {
+    format!("{}:reruns", store::PREFIX)
+}
+
+/// Schedules the automatic rerun of a run that failed at an `onError: retry` step, after
+/// the step's `maxInterval` (at most an hour), unless it is itself the last allowed rerun.
+async fn schedule_auto_rerun(engine: &Engine, run: &str, step: &Step) -> anyhow::Result<()> {
+    let mut redis = engine.redis.clone();
+    let auto: Option<u32> = redis::cmd("HGET")
+        .arg(store::run_key(run))
+        .arg("auto")
+        .query_async(&mut redis)
+        .await?;
+    if auto.unwrap_or(0) >= MAX_AUTO_RERUNS {
+        return Ok(());
+    }
+    let wait = step.retry.max_interval.as_millis().min(3_600_000);
+    DueQueue::new(reruns_key())
+        .schedule(&mut redis, run, now_ms() + wait)
+        .await?;
+    Ok(())
+}
+
+/// Starts the automatic reruns that are due (one pass of the cron loop).
+pub async fn fire_reruns(engine: &Engine) -> anyhow::Result<()> {
+    let queue = DueQueue::new(reruns_key());
+    let mut redis = engine.redis.clone();
+    for lease in queue.claim(&mut redis, now_ms(), 50, 60_000).await? {
+        if is_identifier(&lease.member) {
+            let auto: Option<u32> = redis::cmd("HGET")
+                .arg(store::run_key(&lease.member))
+                .arg("auto")
+                .query_async(&mut redis)
+                .await?;
+            let next = auto.unwrap_or(0) + 1;
+            // A refusal (the run was rerun by hand meanwhile: nothing left) ends it here.
+            let _ = rerun(engine, &lease.member, None, "workflows", next).await?;
+        }
+        queue.done(&mut redis, &lease).await?;
+    }
+    Ok(())
 }
 
 /// The `workflows-worker` process: step workers, the watcher, cron and event triggers, with

@@ -358,7 +358,7 @@ pub async fn fire_due(engine: &Engine) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// The cron loop (every 250 ms) until `shutdown`.
+/// The cron loop (every 250 ms; also starts the automatic reruns) until `shutdown`.
 pub async fn run_cron(engine: Engine, mut shutdown: Shutdown) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(std::time::Duration::from_millis(250));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -369,6 +369,9 @@ pub async fn run_cron(engine: Engine, mut shutdown: Shutdown) -> anyhow::Result<
         }
         if let Err(e) = fire_due(&engine).await {
             tracing::warn!(error = %e, "workflow cron pass failed");
+        }
+        if let Err(e) = engine::fire_reruns(&engine).await {
+            tracing::warn!(error = %e, "workflow automatic reruns failed");
         }
     }
 }
