@@ -59,7 +59,7 @@ async fn every_priority_reaches_its_channels_through_real_providers() {
         |_| {},
         |s| {
             // The notifier plans with the channels the delivery worker can send on.
-            s.notifier.providers = providers.configured();
+            s.notifier.providers = inkwire_notifications::providers::configured(&providers);
             s.providers = providers;
         },
     )

@@ -125,7 +125,10 @@ async fn start_peer() -> (String, Peer) {
         let n = p.calls(&path).len();
         let fails: usize = q.get("n").and_then(|f| f.parse().ok()).unwrap_or(1);
         if n <= fails {
-            (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(json!({"n": n})))
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"n": n})),
+            )
         } else {
             (axum::http::StatusCode::OK, Json(json!({"n": n})))
         }
@@ -1058,7 +1061,9 @@ async fn a_failed_run_reruns_from_the_failed_step_keeping_what_succeeded() {
     let path = format!("/api/workflows/executions/{first}/rerun");
     let (s, _) = env.post(&path, &env.token("rita"), &json!({})).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, b) = env.post(&path, &env.token("olga"), &json!({"version": "2"})).await;
+    let (s, b) = env
+        .post(&path, &env.token("olga"), &json!({"version": "2"}))
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     let (s, b) = env.post(&path, &env.token("olga"), &json!({})).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
@@ -1071,25 +1076,50 @@ async fn a_failed_run_reruns_from_the_failed_step_keeping_what_succeeded() {
     assert_eq!(step(&view, "a")["output"], step(&failed, "a")["output"]);
     assert_eq!(step(&view, "c")["output"]["body"], json!({"a": 1}));
     let events = events_with(&env, &second, "workflow_started").await;
-    assert_eq!(events.iter().find(|e| e["type"] == "workflow_started").unwrap()["data"]["trigger"], "rerun");
+    assert_eq!(
+        events
+            .iter()
+            .find(|e| e["type"] == "workflow_started")
+            .unwrap()["data"]["trigger"],
+        "rerun"
+    );
     // A completed run is not rerun; a missing one is 404.
     let (s, b) = env
-        .post(&format!("/api/workflows/executions/{second}/rerun"), &env.token("olga"), &json!({}))
+        .post(
+            &format!("/api/workflows/executions/{second}/rerun"),
+            &env.token("olga"),
+            &json!({}),
+        )
         .await;
-    assert_eq!((s, b["code"].as_str()), (StatusCode::CONFLICT, Some("execution_not_rerunnable")));
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::CONFLICT, Some("execution_not_rerunnable"))
+    );
     let (s, _) = env
-        .post("/api/workflows/executions/nope/rerun", &env.token("olga"), &json!({}))
+        .post(
+            "/api/workflows/executions/nope/rerun",
+            &env.token("olga"),
+            &json!({}),
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
     // On a newer version: its new step runs too.
     def["version"] = json!(2);
-    def["steps"].as_array_mut().unwrap().push(http_step("d", format!("{peer_url}/ok/rd"), &["c"]));
+    def["steps"]
+        .as_array_mut()
+        .unwrap()
+        .push(http_step("d", format!("{peer_url}/ok/rd"), &["c"]));
     register(&env, &def).await;
-    let (s, b) = env.post(&path, &env.token("olga"), &json!({"version": 2})).await;
+    let (s, b) = env
+        .post(&path, &env.token("olga"), &json!({"version": 2}))
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     let view = ended(&env, b["runId"].as_str().unwrap(), Duration::from_secs(10)).await;
-    assert_eq!((view["status"].as_str(), view["version"].as_u64()), (Some("completed"), Some(2)));
+    assert_eq!(
+        (view["status"].as_str(), view["version"].as_u64()),
+        (Some("completed"), Some(2))
+    );
     assert_eq!(step(&view, "d")["status"], "succeeded");
 
     // `onError: retry`: the engine reruns the run by itself after the step's maxInterval.
@@ -1103,8 +1133,15 @@ async fn a_failed_run_reruns_from_the_failed_step_keeping_what_succeeded() {
     execute(&env, "w-auto", &json!({})).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     let list = loop {
-        let (_, list) = env.get("/api/workflows/w-auto/executions", &env.token("olga")).await;
-        if list["executions"].as_array().unwrap().iter().any(|r| r["status"] == "completed") {
+        let (_, list) = env
+            .get("/api/workflows/w-auto/executions", &env.token("olga"))
+            .await;
+        if list["executions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == "completed")
+        {
             break list;
         }
         assert!(Instant::now() < deadline, "{list:#}");
@@ -1115,4 +1152,165 @@ async fn a_failed_run_reruns_from_the_failed_step_keeping_what_succeeded() {
     assert_eq!(runs[0]["automaticRerun"], 2, "{list:#}");
     assert_eq!(runs[0]["rerunOf"], runs[1]["runId"]);
     assert_eq!(peer.calls("/fail-first/auto").len(), 3);
+}
+
+/// A local OpenAI-compatible chat-completions server: answers "echo: " + the last message,
+/// and records the requests it got.
+async fn start_ai() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    async fn complete(
+        State(seen): State<Arc<Mutex<Vec<Value>>>>,
+        h: HeaderMap,
+        Json(body): Json<Value>,
+    ) -> (axum::http::StatusCode, Json<Value>) {
+        seen.lock().unwrap().push(
+            json!({"body": body, "auth": h.get("authorization").and_then(|v| v.to_str().ok())}),
+        );
+        let last = body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .map(|m| m["content"].clone());
+        (
+            axum::http::StatusCode::OK,
+            Json(
+                json!({"id": "c-1", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": format!("echo: {}", last.and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}),
+            ),
+        )
+    }
+    let app = Router::new()
+        .route("/v1/chat/completions", axum::routing::post(complete))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_sms_notification_ai_and_loop_actions_reach_real_peers() {
+    use inkwire_tests::peers::{SmtpPeer, SnsPeer};
+    let smtp = SmtpPeer::start().await;
+    let sns = SnsPeer::start().await;
+    let (ai_url, ai_seen) = start_ai().await;
+    let (peer_url, peer) = start_peer().await;
+    let mut providers = smtp.provider_config();
+    let sns_config = sns.provider_config(None);
+    providers.sns_enabled = true;
+    providers.sns_endpoint = sns_config.sns_endpoint.clone();
+    providers.aws_region = sns_config.aws_region.clone();
+    providers.aws_keys = sns_config.aws_keys.clone();
+    let env = TestEnv::start_settings(
+        |_| {},
+        |s| {
+            s.without_workflows_worker = false;
+            s.workflows.providers = providers.clone();
+            s.workflows.ai = inkwire_workflows::messaging::AiConfig {
+                base_url: Some(ai_url.clone()),
+                model: "local-model".into(),
+                api_key: Some("sk-test".into()),
+                timeout: Duration::from_secs(10),
+            };
+        },
+    )
+    .await;
+    env.add_member("p-w", "olga", ProjectRole::Owner).await;
+    let def = workflow(
+        "w-actions",
+        vec![
+            json!({"id": "ask", "action": "ai", "input": {"system": "Be brief.", "prompt": "Title for {{ trigger.input.book }}"}}),
+            json!({"id": "mail", "action": "email", "dependsOn": ["ask"], "input": {
+                "to": ["a@example.com", "b@example.com"], "subject": "New title",
+                "text": "{{ steps.ask.output.text }}", "html": "<p>{{ steps.ask.output.text }}</p>"}}),
+            json!({"id": "text", "action": "sms", "dependsOn": ["ask"], "input": {"to": "+447700900123", "text": "{{ steps.ask.output.text }}"}}),
+            json!({"id": "tell", "action": "notification", "dependsOn": ["ask"], "input": {
+                "userId": "olga", "category": "publishing", "priority": "high", "title": "{{ steps.ask.output.text }}", "body": "from a workflow"}}),
+            json!({"id": "each", "action": "loop", "input": {"over": "trigger.input.chapters", "concurrency": 2,
+                "step": {"action": "http", "input": {"method": "POST", "url": format!("{peer_url}/echo/chapter"), "body": {"n": "{{ index }}", "title": "{{ item }}"}}}}}),
+        ],
+    );
+    register(&env, &def).await;
+    let run = execute(
+        &env,
+        "w-actions",
+        &json!({"input": {"book": "Dune", "chapters": ["one", "two", "three"]}}),
+    )
+    .await;
+    let view = ended(&env, &run, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "completed", "{view:#}");
+    // AI: the request carried the model, the key and both messages.
+    assert_eq!(step(&view, "ask")["output"]["text"], "echo: Title for Dune");
+    let req = ai_seen.lock().unwrap()[0].clone();
+    assert_eq!(req["body"]["model"], "local-model");
+    assert_eq!(req["auth"], "Bearer sk-test");
+    assert_eq!(req["body"]["messages"][0]["role"], "system");
+    // Email: two messages over SMTP, text and HTML.
+    let mails = smtp.wait_for_messages(2, Duration::from_secs(10)).await;
+    let mut to: Vec<String> = mails.iter().map(|m| m.rcpt_to.clone()).collect();
+    to.sort();
+    assert_eq!(to, vec!["a@example.com", "b@example.com"], "{mails:?}");
+    assert_eq!(mails[0].subject, "New title");
+    assert!(
+        mails[0]
+            .html
+            .as_deref()
+            .unwrap_or_default()
+            .contains("<p>echo: Title for Dune</p>")
+    );
+    // SMS through SNS (moto).
+    let sms = sns.sms().await;
+    assert_eq!(
+        (sms.len(), sms[0].phone_number.as_str()),
+        (1, "+447700900123"),
+        "{sms:?}"
+    );
+    assert_eq!(sms[0].message, "echo: Title for Dune");
+    // The notification reached olga's inbox through the notifications service.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, inbox) = env
+            .get("/api/realtime/notifications", &env.token("olga"))
+            .await;
+        if inbox["notifications"]
+            .as_array()
+            .is_some_and(|n| !n.is_empty())
+        {
+            assert_eq!(
+                inbox["notifications"][0]["title"], "echo: Title for Dune",
+                "{inbox:#}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{inbox:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The loop: one call per item, outputs in item order, a key per iteration.
+    let each = step(&view, "each");
+    assert_eq!(each["output"]["count"], 3);
+    assert_eq!(
+        each["output"]["items"][1]["body"],
+        json!({"n": 1, "title": "two"}),
+        "{each:#}"
+    );
+    let calls = peer.calls("/echo/chapter");
+    assert_eq!(calls.len(), 3);
+    let keys: std::collections::BTreeSet<String> = calls.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+
+    // A workflow notifies its project's members only.
+    let def = workflow(
+        "w-stranger",
+        vec![json!({"id": "tell", "action": "notification", "input": {
+            "userId": "mallory", "category": "publishing", "priority": "low", "title": "hi"}})],
+    );
+    register(&env, &def).await;
+    let run = execute(&env, "w-stranger", &json!({})).await;
+    let view = ended(&env, &run, Duration::from_secs(10)).await;
+    assert_eq!(
+        step(&view, "tell")["error"]["code"],
+        "recipient_not_member",
+        "{view:#}"
+    );
 }

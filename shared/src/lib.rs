@@ -19,6 +19,8 @@ pub mod local_servers;
 pub mod membership;
 pub mod origins;
 pub mod problem;
+#[cfg(feature = "providers")]
+pub mod providers;
 pub mod publish_rules;
 pub mod redis_store;
 pub mod schema;

@@ -171,7 +171,8 @@ impl NotifierSettings {
             ..NotifierSettings::default()
         };
         // One reading of the provider variables, the delivery worker's own.
-        s.providers = crate::providers::ProviderConfig::from_lookup(get)?.configured();
+        s.providers =
+            crate::providers::configured(&crate::providers::ProviderConfig::from_lookup(get)?);
         if let Some(v) = get("INKWIRE_NOTIFY_CONCURRENCY") {
             s.concurrency = v
                 .trim()

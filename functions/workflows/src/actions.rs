@@ -17,7 +17,8 @@
 //!   are relative and `..`-free (checked when the definition is registered and again here,
 //!   after rendering), and writes replace the file atomically (a temporary file renamed).
 //!
-//! `delay` and `condition` steer the run and are the engine's ([`crate::engine`]).
+//! `email`, `sms`, `notification` and `ai` are in [`crate::messaging`]; `delay`,
+//! `condition` and `loop` steer the run and are the engine's ([`crate::engine`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -65,12 +66,21 @@ impl ActionError {
 #[derive(Clone)]
 pub struct ActionContext {
     pub redis: ConnectionManager,
+    pub js: async_nats::jetstream::Context,
+    /// The HTTP action's client (its resolver refuses non-public addresses).
     pub http: reqwest::Client,
+    /// The AI endpoint's client: the operator configured that address, so it is not checked.
+    pub ai_http: reqwest::Client,
+    pub providers: crate::messaging::LazyProviders,
     pub config: Arc<WorkflowsConfig>,
 }
 
 impl ActionContext {
-    pub fn new(redis: ConnectionManager, config: Arc<WorkflowsConfig>) -> ActionContext {
+    pub fn new(
+        redis: ConnectionManager,
+        js: async_nats::jetstream::Context,
+        config: Arc<WorkflowsConfig>,
+    ) -> ActionContext {
         let http = reqwest::Client::builder()
             .dns_resolver(CheckedResolver {
                 allow_private: config.http_allow_private,
@@ -82,7 +92,10 @@ impl ActionContext {
             .expect("an HTTP client without TLS settings builds");
         ActionContext {
             redis,
+            js,
             http,
+            ai_http: reqwest::Client::new(),
+            providers: Default::default(),
             config,
         }
     }
@@ -489,6 +502,10 @@ pub async fn run(
         Action::Http => http(ctx, scope, input).await,
         Action::Redis => redis_op(ctx, scope, input).await,
         Action::File => file(ctx, scope, input).await,
+        Action::Email => crate::messaging::email(ctx, scope, input).await,
+        Action::Sms => crate::messaging::sms(ctx, scope, input).await,
+        Action::Notification => crate::messaging::notification(ctx, scope, input).await,
+        Action::Ai => crate::messaging::ai(ctx, input).await,
         other => Err(ActionError::permanent(
             "action_unavailable",
             format!(

@@ -619,7 +619,9 @@ async fn rerun(
         }
     };
     if !run_right(&api, &caller, run).await? {
-        return Err(Problem::forbidden("only the project's owners rerun its runs"));
+        return Err(Problem::forbidden(
+            "only the project's owners rerun its runs",
+        ));
     }
     let outcome = engine::rerun(&api.engine, run, version, &caller.user_id, 0)
         .await

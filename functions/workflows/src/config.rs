@@ -4,6 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use inkwire_shared::config::parse_duration;
+use inkwire_shared::providers::ProviderConfig;
+
+use crate::messaging::AiConfig;
 
 #[derive(Debug, Clone)]
 pub struct WorkflowsConfig {
@@ -27,6 +30,11 @@ pub struct WorkflowsConfig {
     /// The sandbox of the file action (`INKWIRE_WORKFLOW_FILES_DIR`); one directory per
     /// project inside it.
     pub files_dir: PathBuf,
+    /// SMTP and SNS for the email and SMS actions (the notifications' variables:
+    /// `INKWIRE_SMTP_URL`, `INKWIRE_SNS_*`, ...).
+    pub providers: ProviderConfig,
+    /// The AI action's endpoint (`INKWIRE_WORKFLOW_AI_*`).
+    pub ai: AiConfig,
 }
 
 impl Default for WorkflowsConfig {
@@ -39,6 +47,8 @@ impl Default for WorkflowsConfig {
             http_allow_private: false,
             http_allow_hosts: Vec::new(),
             files_dir: std::env::temp_dir().join("inkwire-workflow-files"),
+            providers: ProviderConfig::default(),
+            ai: AiConfig::default(),
         }
     }
 }
@@ -75,6 +85,8 @@ impl WorkflowsConfig {
         if let Ok(v) = std::env::var("INKWIRE_WORKFLOW_FILES_DIR") {
             c.files_dir = PathBuf::from(v);
         }
+        c.providers = ProviderConfig::from_env()?;
+        c.ai = AiConfig::from_env()?;
         Ok(c)
     }
 }

@@ -121,7 +121,7 @@ impl Engine {
     pub fn new(js: Context, redis: ConnectionManager, config: WorkflowsConfig) -> Engine {
         let config = Arc::new(config);
         Engine {
-            actions: ActionContext::new(redis.clone(), config.clone()),
+            actions: ActionContext::new(redis.clone(), js.clone(), config.clone()),
             js,
             redis,
             config,
@@ -298,12 +298,17 @@ pub struct RerunPlan {
 /// Plans a rerun of `old` (its run hash) on `loaded` (the same version or a newer one):
 /// steps that succeeded keep their outputs; the others run again from where the run
 /// stopped. `None` when nothing would run again.
-pub fn plan_rerun(old_run: &str, old: &HashMap<String, String>, loaded: &Loaded) -> Option<RerunPlan> {
+pub fn plan_rerun(
+    old_run: &str,
+    old: &HashMap<String, String>,
+    loaded: &Loaded,
+) -> Option<RerunPlan> {
     let mut plan = RerunPlan {
         of: old_run.to_string(),
         ..Default::default()
     };
-    let kept = |id: &str| old.get(&format!("st:{id}")).map(String::as_str) == Some(step_status::SUCCEEDED);
+    let kept =
+        |id: &str| old.get(&format!("st:{id}")).map(String::as_str) == Some(step_status::SUCCEEDED);
     for id in loaded.dag.order() {
         let step = loaded.step(id)?;
         let state = if kept(id) {
@@ -316,8 +321,12 @@ pub fn plan_rerun(old_run: &str, old: &HashMap<String, String>, loaded: &Loaded)
         } else {
             let deps = &step.depends_on;
             let not_taken = deps.iter().any(|d| {
-                let Some(dep) = loaded.step(d) else { return false };
-                if dep.action != Action::Condition || plan.states.get(d.as_str()) != Some(&step_status::SUCCEEDED) {
+                let Some(dep) = loaded.step(d) else {
+                    return false;
+                };
+                if dep.action != Action::Condition
+                    || plan.states.get(d.as_str()) != Some(&step_status::SUCCEEDED)
+                {
                     return false;
                 }
                 let taken = old
@@ -330,9 +339,16 @@ pub fn plan_rerun(old_run: &str, old: &HashMap<String, String>, loaded: &Loaded)
                     .as_array()
                     .is_some_and(|ids| ids.iter().any(|v| v.as_str() == Some(id)))
             });
-            if not_taken || deps.iter().any(|d| plan.states.get(d.as_str()) == Some(&step_status::SKIPPED)) {
+            if not_taken
+                || deps
+                    .iter()
+                    .any(|d| plan.states.get(d.as_str()) == Some(&step_status::SKIPPED))
+            {
                 step_status::SKIPPED
-            } else if deps.iter().all(|d| plan.states.get(d.as_str()) == Some(&step_status::SUCCEEDED)) {
+            } else if deps
+                .iter()
+                .all(|d| plan.states.get(d.as_str()) == Some(&step_status::SUCCEEDED))
+            {
                 step_status::READY
             } else {
                 step_status::PENDING
@@ -611,7 +627,7 @@ pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerEr
     let context = template_context(&d.run, &fields);
     let started = now_ms();
     let mut rendered = Value::Null;
-    let outcome = match render_input(&step.input, &context) {
+    let outcome = match render_step_input(step, &context) {
         Err(e) => Outcome::Failed(ActionError::permanent("template_error", e.to_string())),
         Ok(input) => {
             rendered = input.clone();
@@ -684,10 +700,13 @@ async fn run_step(
                 Err(e) => Outcome::Failed(e),
             }
         }
-        Action::Loop => Outcome::Failed(ActionError::permanent(
-            "action_unavailable",
-            "the loop action is not available in this version of the engine",
-        )),
+        Action::Loop => match run_loop(engine, d, project, input, fields).await {
+            Ok(output) => Outcome::Succeeded {
+                output,
+                skip: Vec::new(),
+            },
+            Err(e) => Outcome::Failed(e),
+        },
         action => {
             let key = format!("{}:{}", d.run, d.step);
             let scope = StepScope {
@@ -715,6 +734,126 @@ async fn run_step(
             }
         }
     }
+}
+
+/// Renders a step's input. A loop's `step` is left as it is (its templates read `item` and
+/// `index`, rendered per iteration), and its `over` may be an expression.
+fn render_step_input(step: &Step, context: &Value) -> Result<Value, crate::RenderError> {
+    if step.action != Action::Loop {
+        return render_input(&step.input, context);
+    }
+    let mut outer = step.input.clone();
+    let inner = outer.as_object_mut().and_then(|o| o.remove("step"));
+    let mut rendered = render_input(&outer, context)?;
+    if let Some(Value::String(expr)) = step.input.get("over")
+        && !crate::template::is_template(expr)
+    {
+        rendered["over"] = crate::template::eval_expression(expr, context)?;
+    }
+    if let Some(inner) = inner {
+        rendered["step"] = inner;
+    }
+    Ok(rendered)
+}
+
+/// Most items one loop runs.
+pub const MAX_LOOP_ITEMS: usize = 1_000;
+
+/// A loop: the inner action once per item, at most `concurrency` at once. Each iteration's
+/// output is stored in the run (`li:{step}:{index}`) as it finishes, so an attempt after a
+/// crash or a failure runs only the iterations not done; each iteration has its own
+/// idempotency key (`{runId}:{stepId}:{index}`).
+async fn run_loop(
+    engine: &Engine,
+    d: &Dispatch,
+    project: &str,
+    input: &Value,
+    fields: &HashMap<String, String>,
+) -> Result<Value, ActionError> {
+    use futures::StreamExt;
+    let Some(items) = input["over"].as_array() else {
+        return Err(ActionError::permanent("invalid_input", "over: not a list"));
+    };
+    if items.len() > MAX_LOOP_ITEMS {
+        return Err(ActionError::permanent(
+            "invalid_input",
+            format!("over: {} items (at most {MAX_LOOP_ITEMS})", items.len()),
+        ));
+    }
+    let inner = &input["step"];
+    let action = inner["action"]
+        .as_str()
+        .and_then(Action::from_name)
+        .filter(|a| !matches!(a, Action::Delay | Action::Condition | Action::Loop))
+        .ok_or_else(|| {
+            ActionError::permanent("invalid_input", "step.action: an action with an effect")
+        })?;
+    let concurrency = input["concurrency"].as_u64().unwrap_or(1).clamp(1, 100) as usize;
+    let context = template_context(&d.run, fields);
+    let iterations: Vec<_> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let mut ctx = context.clone();
+            ctx["item"] = item.clone();
+            ctx["index"] = json!(i);
+            loop_iteration(
+                engine.clone(),
+                d.run.clone(),
+                d.step.clone(),
+                project.to_string(),
+                action,
+                inner["input"].clone(),
+                ctx,
+                i,
+                fields.get(&format!("li:{}:{i}", d.step)).cloned(),
+            )
+        })
+        .collect();
+    let results: Vec<Result<Value, ActionError>> = futures::stream::iter(iterations)
+        .buffered(concurrency)
+        .collect()
+        .await;
+    let mut outputs = Vec::with_capacity(results.len());
+    for r in results {
+        outputs.push(r?);
+    }
+    Ok(json!({"count": outputs.len(), "items": outputs}))
+}
+
+/// One iteration of a loop (owned arguments: the futures run together in a stream).
+#[allow(clippy::too_many_arguments)]
+async fn loop_iteration(
+    engine: Engine,
+    run: String,
+    step: String,
+    project: String,
+    action: Action,
+    input: Value,
+    ctx: Value,
+    i: usize,
+    done: Option<String>,
+) -> Result<Value, ActionError> {
+    if let Some(done) = done {
+        return Ok(serde_json::from_str(&done).unwrap_or(Value::Null));
+    }
+    let input = render_input(&input, &ctx)
+        .map_err(|e| ActionError::permanent("template_error", format!("item {i}: {e}")))?;
+    let key = format!("{run}:{step}:{i}");
+    let scope = StepScope {
+        project: &project,
+        idempotency_key: &key,
+    };
+    let output = actions::run(&engine.actions, action, &scope, &input).await?;
+    let mut redis = engine.redis.clone();
+    redis::cmd("HSET")
+        .arg(store::run_key(&run))
+        .arg(format!("li:{step}:{i}"))
+        .arg(output.to_string())
+        .query_async::<()>(&mut redis)
+        .await
+        .map_err(|e| ActionError::transient("redis_unavailable", e.to_string()))?;
+    Ok(output)
 }
 
 /// Resolves when the run's status is no longer `expected` (cancelled, or failed or rolling

@@ -9,7 +9,7 @@ use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::Error as SmtpError;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use inkwire_shared::config::ConfigError;
+use crate::config::ConfigError;
 
 use super::{ProviderConfig, SendError, Sent, error_chain};
 

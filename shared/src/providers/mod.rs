@@ -1,22 +1,21 @@
-//! The delivery providers: email over SMTP ([`email`], lettre) and SMS and mobile push through
-//! AWS SNS ([`sns`], aws-sdk-sns). This module owns their configuration (read from the
-//! environment, secrets redacted in `Debug`), the one error type every provider answers with
-//! (transient → retry with backoff, permanent → give up and log), and [`Providers`], which
-//! says for each external channel either "here is the provider" or why it is skipped.
+//! The delivery providers (the `providers` feature of this crate): email over SMTP
+//! ([`email`], lettre) and SMS and mobile push through AWS SNS ([`sns`], aws-sdk-sns). This
+//! module owns their configuration (read from the environment, secrets redacted in
+//! `Debug`) and the one error type every provider answers with (transient → retry with
+//! backoff, permanent → give up and log). Shared by the notifications (their delivery
+//! worker) and the workflows (the email and SMS actions); only those enable the feature, so
+//! the other functions' binaries carry neither lettre nor the AWS SDK.
 //!
-//! Providers only send: retries, backoff and the delivery log belong to the delivery
-//! consumer, so a provider makes exactly one attempt per call and classifies its outcome.
+//! Providers only send: retries, backoff and logs belong to their callers, so a provider
+//! makes exactly one attempt per call and classifies its outcome.
 
 pub mod email;
 pub mod sns;
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use inkwire_shared::config::{ConfigError, parse_duration, redact_url};
-
-use crate::model::DeliveryChannel;
+use crate::config::{ConfigError, parse_duration, redact_url};
 
 pub use email::EmailProvider;
 pub use sns::{PushPayload, SnsProvider};
@@ -63,7 +62,7 @@ impl SendError {
 }
 
 /// `error` and its causes on one line, each cause once ("dispatch failure: io error: …").
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -173,16 +172,6 @@ impl fmt::Debug for ProviderConfig {
 }
 
 impl ProviderConfig {
-    /// Which channels have a provider, as the notifier's plan needs to know (a channel
-    /// without one is `skipped_no_address`).
-    pub fn configured(&self) -> crate::plan::Providers {
-        crate::plan::Providers {
-            email: self.smtp_url.is_some(),
-            sms: self.sns_enabled,
-            push: self.sns_enabled,
-        }
-    }
-
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<ProviderConfig, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -289,67 +278,6 @@ fn parse_bool(v: &str) -> Result<bool, String> {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
         other => Err(format!("{other:?} is neither true nor false")),
-    }
-}
-
-/// The configured providers. A channel without one is skipped with
-/// [`Providers::skip_reason`], never an error.
-#[derive(Clone, Default)]
-pub struct Providers {
-    pub email: Option<Arc<EmailProvider>>,
-    pub sns: Option<Arc<SnsProvider>>,
-}
-
-impl fmt::Debug for Providers {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Providers")
-            .field("email", &self.email.is_some())
-            .field("sns", &self.sns.is_some())
-            .finish()
-    }
-}
-
-impl Providers {
-    /// Builds every configured provider (one SMTP transport and one SNS client, reused for
-    /// every send). Fails only on configuration that cannot work (an address lettre refuses);
-    /// unset providers are `None`.
-    pub async fn build(config: &ProviderConfig) -> Result<Providers, ConfigError> {
-        let email = match &config.smtp_url {
-            Some(_) => Some(Arc::new(EmailProvider::new(config)?)),
-            None => None,
-        };
-        let sns = if config.sns_enabled {
-            Some(Arc::new(SnsProvider::new(config).await))
-        } else {
-            None
-        };
-        let providers = Providers { email, sns };
-        for channel in DeliveryChannel::EXTERNAL {
-            if let Some(reason) = providers.skip_reason(channel) {
-                tracing::info!(channel = channel.as_str(), reason, "channel skipped");
-            }
-        }
-        Ok(providers)
-    }
-
-    /// Why `channel` cannot be delivered by this process, or `None` when it can. The delivery
-    /// log records the reason with status `skipped_no_address`.
-    pub fn skip_reason(&self, channel: DeliveryChannel) -> Option<&'static str> {
-        match channel {
-            DeliveryChannel::InApp => None,
-            DeliveryChannel::Email if self.email.is_none() => {
-                Some("email provider not configured (INKWIRE_SMTP_URL is not set)")
-            }
-            DeliveryChannel::Sms if self.sns.is_none() => Some(
-                "SMS provider not configured (SNS is off: set INKWIRE_SNS_ENABLED, \
-                 INKWIRE_SNS_ENDPOINT or INKWIRE_SNS_PLATFORM_APPLICATION_ARN)",
-            ),
-            DeliveryChannel::Push if self.sns.is_none() => Some(
-                "push provider not configured (SNS is off: set \
-                 INKWIRE_SNS_PLATFORM_APPLICATION_ARN)",
-            ),
-            DeliveryChannel::Email | DeliveryChannel::Sms | DeliveryChannel::Push => None,
-        }
     }
 }
 
@@ -514,22 +442,5 @@ mod tests {
         assert!(t.is_transient() && !p.is_transient());
         assert_eq!(p.message(), "550 no such user");
         assert_eq!(t.to_string(), "transient: connection refused");
-    }
-
-    #[tokio::test]
-    async fn unconfigured_providers_are_none_and_say_why() {
-        let providers = Providers::build(&ProviderConfig::default()).await.unwrap();
-        assert!(providers.email.is_none() && providers.sns.is_none());
-        assert_eq!(providers.skip_reason(DeliveryChannel::InApp), None);
-        for channel in DeliveryChannel::EXTERNAL {
-            let reason = providers.skip_reason(channel).unwrap();
-            assert!(reason.contains("not configured"), "{reason}");
-        }
-        assert!(
-            providers
-                .skip_reason(DeliveryChannel::Email)
-                .unwrap()
-                .contains("INKWIRE_SMTP_URL")
-        );
     }
 }
