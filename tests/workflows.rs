@@ -414,6 +414,32 @@ async fn parallel_branches_join_and_every_step_is_visible() {
             .unwrap_or_else(|errs| panic!("{e}: {errs:?}"));
         assert_eq!(e["projectId"], "p-w");
     }
+    // The counters.
+    let (_, stats) = env
+        .get("/api/workflows/stats?projectId=p-w", &env.token("rita"))
+        .await;
+    let w = stats["workflows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["workflowId"] == "w-dag")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            w["started"].as_u64(),
+            w["completed"].as_u64(),
+            w["active"].as_u64(),
+            w["stepsSucceeded"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0), Some(5)),
+        "{stats:#}"
+    );
+    assert!(w["meanDurationMs"].as_u64().unwrap() >= 400);
+    let (s, _) = env
+        .get("/api/workflows/stats?projectId=p-w", &env.token("stranger"))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
     // The executions list shows it; a reader may read it, a stranger may not.
     let (_, list) = env
         .get("/api/workflows/w-dag/executions", &env.token("rita"))

@@ -4,6 +4,8 @@
 //!   JSON pointer, `409` a version that exists with other content or is not above the latest;
 //! - `GET /api/workflows?projectId=` — the workflows the caller may read;
 //! - `GET /api/workflows/{id}?version=` — a definition (the latest by default);
+//! - `GET /api/workflows/stats?projectId=` — per workflow: runs started, completed, failed,
+//!   cancelled and active, the mean duration of completed runs, steps succeeded and failed;
 //! - `POST /api/workflows/{id}/execute` — `{input?, version?, idempotencyKey?}` (or an
 //!   `Idempotency-Key` header) starts a run: `202 {runId, created}`; the same key answers
 //!   the same run;
@@ -40,6 +42,9 @@ use crate::registry::{self, Registered};
 use crate::store::{self, status};
 use crate::validate::parse_definition;
 
+/// Ids a workflow cannot have: `GET /api/workflows/{id}` would meet these routes.
+pub const RESERVED_IDS: [&str; 4] = ["register", "stats", "executions", "templates"];
+
 #[derive(Clone)]
 pub struct WorkflowsApi {
     pub app: AppState,
@@ -56,6 +61,7 @@ pub fn routes(api: WorkflowsApi) -> Router {
     Router::new()
         .route("/api/workflows", get(list))
         .route("/api/workflows/register", post(register))
+        .route("/api/workflows/stats", get(stats))
         .route("/api/workflows/{id}", get(show))
         .route("/api/workflows/{id}/execute", post(execute))
         .route("/api/workflows/{id}/executions", get(executions))
@@ -112,6 +118,17 @@ async fn register(
                 .collect(),
         )
     })?;
+    if RESERVED_IDS.contains(&definition.id.as_str()) {
+        return Err(Problem::validation(vec![FieldError {
+            pointer: "/id".into(),
+            rule: "workflow".into(),
+            kind: "string".into(),
+            message: format!(
+                "{:?} is a word of the API's paths; choose another id",
+                definition.id
+            ),
+        }]));
+    }
     match right(&api, &caller, &definition.project_id).await? {
         Some(true) => {}
         Some(false) => {
@@ -646,4 +663,69 @@ async fn rerun(
             "the workflow has no version {v}"
         ))),
     }
+}
+
+async fn stats(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, Problem> {
+    refuse_unknown_params(&params, &["projectId"])?;
+    let mut redis = api.app.redis.clone();
+    let projects: Vec<Option<String>> = match params.get("projectId") {
+        Some(p) => {
+            let p = checked_id("project", p)?;
+            if right(&api, &caller, p).await?.is_none() {
+                return Err(Problem::forbidden(format!(
+                    "you are not a member of project {p}"
+                )));
+            }
+            vec![Some(p.to_string())]
+        }
+        None if caller.is_privileged() => vec![None],
+        None => membership::projects_of(&mut redis, &caller.user_id)
+            .await
+            .map_err(redis_err)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+    };
+    let mut out = Vec::new();
+    let mut totals: HashMap<&str, u64> = HashMap::new();
+    for p in projects {
+        for id in registry::ids(&mut redis, p.as_deref())
+            .await
+            .map_err(redis_err)?
+        {
+            let c: HashMap<String, u64> = redis::cmd("HGETALL")
+                .arg(store::stats_key(&id))
+                .query_async(&mut redis)
+                .await
+                .map_err(redis_err)?;
+            let n = |k: &str| c.get(k).copied().unwrap_or(0);
+            let ended = n("completed") + n("failed") + n("cancelled");
+            for k in [
+                "started",
+                "completed",
+                "failed",
+                "cancelled",
+                "stepsSucceeded",
+                "stepsFailed",
+            ] {
+                *totals.entry(k).or_default() += n(k);
+            }
+            out.push(json!({
+                "workflowId": id,
+                "started": n("started"),
+                "completed": n("completed"),
+                "failed": n("failed"),
+                "cancelled": n("cancelled"),
+                "active": n("started").saturating_sub(ended),
+                "meanDurationMs": (n("completed") > 0).then(|| n("completedDurationMs") / n("completed")),
+                "stepsSucceeded": n("stepsSucceeded"),
+                "stepsFailed": n("stepsFailed"),
+            }));
+        }
+    }
+    Ok(Json(json!({"workflows": out, "totals": totals})))
 }

@@ -438,6 +438,7 @@ pub async fn start_planned(
         .key(store::watch_key())
         .key(store::runs_key(&def.id))
         .key(&once_key)
+        .key(store::stats_key(&def.id))
         .arg(&run)
         .arg(now)
         .arg(now + engine.config.watch_grace.as_millis() as u64)
@@ -1101,10 +1102,18 @@ async fn publish_action_event(
         .build();
     engine.publish_event(event).await?;
     let mut redis = engine.redis.clone();
-    redis::cmd("HDEL")
-        .arg(store::run_key(run))
+    // Counted by whoever clears the field, so a repeat after a crash counts once.
+    let _: i64 = store::counted_script()
+        .key(store::run_key(run))
+        .key(store::stats_key(&definition.id))
         .arg(format!("ev:{step}"))
-        .query_async::<()>(&mut redis)
+        .arg(if status == "succeeded" {
+            "stepsSucceeded"
+        } else {
+            "stepsFailed"
+        })
+        .arg(0)
+        .invoke_async(&mut redis)
         .await?;
     Ok(())
 }
@@ -1190,11 +1199,17 @@ pub async fn run_ended(engine: &Engine, run: &str) -> anyhow::Result<()> {
         .data(data)
         .build();
     engine.publish_event(event).await?;
-    redis::cmd("HSET")
-        .arg(store::run_key(run))
-        .arg("announced")
+    let _: i64 = store::announced_script()
+        .key(store::run_key(run))
+        .key(store::stats_key(&wf))
         .arg(now_ms())
-        .query_async::<()>(&mut redis)
+        .arg(run_status)
+        .arg(if run_status == status::COMPLETED {
+            duration
+        } else {
+            0
+        })
+        .invoke_async(&mut redis)
         .await?;
     engine
         .push_progress(

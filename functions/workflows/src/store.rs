@@ -56,6 +56,12 @@ pub fn once_key(workflow: &str, key: &str) -> String {
     format!("{PREFIX}:once:{workflow}:{key}")
 }
 
+/// A workflow's counters: `started`, `completed`, `failed`, `cancelled`,
+/// `completedDurationMs` (the sum), `stepsSucceeded`, `stepsFailed`.
+pub fn stats_key(workflow: &str) -> String {
+    format!("{PREFIX}:stats:{workflow}")
+}
+
 pub fn watch_key() -> String {
     format!("{PREFIX}:watch")
 }
@@ -95,7 +101,7 @@ fn script(cell: &'static OnceLock<redis::Script>, code: &str) -> &'static redis:
     cell.get_or_init(|| redis::Script::new(code))
 }
 
-/// KEYS: run, watch, runs index, once key (or the run key again when there is none).
+/// KEYS: run, watch, runs index, once key (or the run key again when there is none), stats.
 /// ARGV: run id, now, watch at, workflow id, then field/value pairs.
 /// Answers the run id: the new one, or the run the once key already started.
 const CREATE: &str = r#"
@@ -109,6 +115,7 @@ for i = 5, #ARGV, 2 do
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('HINCRBY', KEYS[5], 'started', 1)
 return ARGV[1]
 "#;
 
@@ -391,4 +398,39 @@ return 0
 pub fn reschedule_script() -> &'static redis::Script {
     static S: OnceLock<redis::Script> = OnceLock::new();
     script(&S, RESCHEDULE)
+}
+
+/// Clears a field and counts it, once. KEYS: the hash, the stats. ARGV: field, counter, by
+/// (0: 1). Answers 1 when this call cleared it.
+const COUNTED: &str = r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  local by = tonumber(ARGV[3])
+  if by == 0 then by = 1 end
+  redis.call('HINCRBY', KEYS[2], ARGV[2], by)
+  return 1
+end
+return 0
+"#;
+
+pub fn counted_script() -> &'static redis::Script {
+    static S: OnceLock<redis::Script> = OnceLock::new();
+    script(&S, COUNTED)
+}
+
+/// Marks a run's end announced and counts it, once. KEYS: run, stats. ARGV: now, status,
+/// duration of a completed run (ms).
+const ANNOUNCED: &str = r#"
+if redis.call('HSETNX', KEYS[1], 'announced', ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  if ARGV[2] == 'completed' then
+    redis.call('HINCRBY', KEYS[2], 'completedDurationMs', ARGV[3])
+  end
+  return 1
+end
+return 0
+"#;
+
+pub fn announced_script() -> &'static redis::Script {
+    static S: OnceLock<redis::Script> = OnceLock::new();
+    script(&S, ANNOUNCED)
 }
