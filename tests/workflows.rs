@@ -1340,3 +1340,167 @@ async fn email_sms_notification_ai_and_loop_actions_reach_real_peers() {
         "{view:#}"
     );
 }
+
+async fn install(env: &TestEnv, name: &str, body: Value) -> String {
+    let (s, b) = env
+        .post(&format!("/api/workflows/templates/{name}/install"), &env.token("olga"), &body)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    b["id"].as_str().unwrap().to_string()
+}
+
+/// Runs of a workflow, newest first, once `n` of them ended.
+async fn runs_ended(env: &TestEnv, id: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, list) = env
+            .get(&format!("/api/workflows/{id}/executions"), &env.token("olga"))
+            .await;
+        let runs = list["executions"].as_array().cloned().unwrap_or_default();
+        if runs.iter().filter(|r| r["status"] != "running").count() >= n {
+            let mut full = Vec::new();
+            for r in &runs {
+                let (_, v) = env
+                    .get(&format!("/api/workflows/executions/{}", r["runId"].as_str().unwrap()), &env.token("olga"))
+                    .await;
+                full.push(v);
+            }
+            return full;
+        }
+        assert!(Instant::now() < deadline, "{list:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn inbox(env: &TestEnv, user: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, b) = env.get("/api/realtime/notifications", &env.token(user)).await;
+        let items = b["notifications"].as_array().cloned().unwrap_or_default();
+        if items.len() >= n {
+            return items;
+        }
+        assert!(Instant::now() < deadline, "{user}: {b:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Makes an installed workflow's cron trigger due now (instead of waiting for 20:00).
+async fn fire_cron_now(env: &TestEnv, workflow: &str) {
+    let mut redis = env.state.redis.clone();
+    let member = format!("{workflow}~0");
+    let now = inkwire_workflows::engine::now_ms();
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(inkwire_workflows::triggers::cron_at_key())
+        .arg(&member)
+        .arg(now)
+        .cmd("ZADD")
+        .arg(inkwire_workflows::triggers::cron_key())
+        .arg(now)
+        .arg(&member)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_install_per_project_and_run_end_to_end() {
+    use inkwire_tests::peers::SmtpPeer;
+    let smtp = SmtpPeer::start().await;
+    let providers = smtp.provider_config();
+    let env = TestEnv::start_settings(
+        |_| {},
+        |s| {
+            s.without_workflows_worker = false;
+            s.without_analytics_worker = false;
+            s.workflows.providers = providers.clone();
+        },
+    )
+    .await;
+    env.add_member("p-w", "olga", ProjectRole::Owner).await;
+    env.add_member("p-w", "rita", ProjectRole::Editor).await;
+    env.register_document("p-w", "d-1").await;
+    let (_, list) = env.get("/api/workflows/templates", &env.token("rita")).await;
+    assert_eq!(list["templates"].as_array().unwrap().len(), 6, "{list:#}");
+    // Owners install; the parameters a template needs are asked for by name.
+    let (s, _) = env
+        .post("/api/workflows/templates/sales-spike-alert/install", &env.token("rita"), &json!({"projectId": "p-w"}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = env
+        .post("/api/workflows/templates/weekly-analytics-digest/install", &env.token("olga"), &json!({"projectId": "p-w"}))
+        .await;
+    assert_eq!((s, b["errors"][0]["pointer"].as_str()), (StatusCode::BAD_REQUEST, Some("/email")), "{b}");
+    let (s, b) = env
+        .post("/api/workflows/templates/nope/install", &env.token("olga"), &json!({"projectId": "p-w"}))
+        .await;
+    assert_eq!((s, b["code"].as_str()), (StatusCode::NOT_FOUND, Some("template_not_found")));
+
+    // Collaboration conflict alert: both writers are told, at high priority.
+    install(&env, "collaboration-conflict-alert", json!({"projectId": "p-w"})).await;
+    // Sales spike: 7 days at 10 a day, then 25 in one update.
+    let spike = install(&env, "sales-spike-alert", json!({"projectId": "p-w"})).await;
+    let mut redis = env.state.redis.clone();
+    let day = 86_400_000u64;
+    let today = inkwire_workflows::engine::now_ms() / day * day;
+    for i in 1..=7 {
+        let _: () = redis::cmd("HSET")
+            .arg(inkwire_analytics::store::book_key("b-1"))
+            .arg(format!("d:{}:units", today - i * day))
+            .arg(10)
+            .arg("p:p-w")
+            .arg(1)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let events = json!({"events": [
+        {"category": "collaboration", "type": "conflict_detected", "userId": "olga", "projectId": "p-w", "documentId": "d-1",
+         "data": {"otherUserId": "rita", "severity": "high", "reason": "same_paragraph", "paragraph": 3}},
+        {"category": "publishing", "type": "sales_updated", "userId": "olga", "projectId": "p-w",
+         "data": {"bookId": "b-1", "platform": "kdp", "units": 25}}
+    ]});
+    let (s, b) = env.post("/api/realtime/events/batch", &env.service_token(), &events).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let runs = runs_ended(&env, &spike, 1).await;
+    assert_eq!(runs[0]["status"], "completed", "{:#}", runs[0]);
+    assert_eq!(step(&runs[0], "spike")["output"]["result"], true, "{:#}", runs[0]);
+    let rita = inbox(&env, "rita", 2).await;
+    let titles: Vec<&str> = rita.iter().map(|n| n["title"].as_str().unwrap()).collect();
+    assert!(titles.contains(&"Editing conflict"), "{titles:?}");
+    assert!(titles.iter().any(|t| t.starts_with("Sales spike for b-1")), "{titles:?}");
+    assert!(rita.iter().all(|n| n["priority"] == "high"), "{rita:#?}");
+
+    // Daily goal reminder at 20:00 in the project's zone (fired now): nobody wrote today.
+    let goal = install(&env, "daily-writing-goal-reminder", json!({"projectId": "p-w", "timeZone": "Europe/Paris"})).await;
+    let (_, def) = env.get(&format!("/api/workflows/{goal}"), &env.token("olga")).await;
+    assert_eq!(def["triggers"][0]["timeZone"], "Europe/Paris");
+    fire_cron_now(&env, &goal).await;
+    let runs = runs_ended(&env, &goal, 1).await;
+    assert_eq!(runs[0]["status"], "completed", "{:#}", runs[0]);
+    let olga = inbox(&env, "olga", 3).await;
+    assert!(olga.iter().any(|n| n["title"] == "500 words to go today"), "{olga:#?}");
+
+    // Weekly digest by email.
+    let digest = install(&env, "weekly-analytics-digest", json!({"projectId": "p-w", "email": "olga@example.com"})).await;
+    fire_cron_now(&env, &digest).await;
+    let runs = runs_ended(&env, &digest, 1).await;
+    assert_eq!(runs[0]["status"], "completed", "{:#}", runs[0]);
+    let mails = smtp.wait_for_messages(1, Duration::from_secs(10)).await;
+    assert_eq!(mails[0].rcpt_to, "olga@example.com");
+    assert_eq!(mails[0].subject, "Your week on p-w");
+
+    // Auto-save: crossing 100 words writes a snapshot of the document to the sandbox.
+    let backup = install(&env, "auto-save-backup", json!({"projectId": "p-w"})).await;
+    let word = |total: u64| json!({"category": "writing", "type": "word_added", "userId": "olga", "projectId": "p-w",
+        "documentId": "d-1", "data": {"sessionId": "s-1", "words": 5, "totalWords": total}});
+    let (s, b) = env
+        .post("/api/realtime/events/batch", &env.service_token(), &json!({"events": [word(60), word(102)]}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    let runs = runs_ended(&env, &backup, 2).await;
+    let snapshot = runs.iter().find(|r| step(r, "snapshot")["status"] == "succeeded").expect("a snapshot");
+    assert_eq!(step(snapshot, "snapshot")["output"]["path"], "backups/d-1/100-words.json");
+    assert!(runs.iter().any(|r| step(r, "snapshot")["status"] == "skipped"), "the 60-word event wrote nothing");
+}

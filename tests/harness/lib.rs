@@ -78,13 +78,17 @@ async fn serve_instance(
     tokio::sync::oneshot::Sender<()>,
 ) {
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let running = inkwire::start(state, settings, shutdown)
-        .await
-        .expect("start functions");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut settings = settings;
+    if settings.workflows.self_url.is_none() {
+        settings.workflows.self_url = Some(base.clone());
+    }
+    let running = inkwire::start(state, settings, shutdown)
+        .await
+        .expect("start functions");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let relay = running.relay.clone();
     let coedit = running.coedit.clone();

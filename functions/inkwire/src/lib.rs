@@ -211,11 +211,17 @@ pub async fn start(
         )
         .boxed()
     });
+    let mut workflows_config = settings.workflows.clone();
+    if workflows_config.self_url.is_none() {
+        // Steps with `"auth": "inkwire"` call this process.
+        workflows_config.self_url = Some(format!("http://{}", state.config.http_addr));
+    }
     let workflow_engine = WorkflowEngine::new(
         state.js.clone(),
         state.redis.clone(),
-        settings.workflows.clone(),
-    );
+        workflows_config,
+    )
+    .with_jwt(state.jwt.clone());
     let workflows_task = tokio::spawn(if settings.without_workflows_worker {
         futures::future::ready(Ok(())).boxed()
     } else {

@@ -8,7 +8,10 @@
 //!   resolution (by the client's resolver, so a name cannot resolve to a public address for
 //!   the check and a private one for the request): loopback, private, link-local, and other
 //!   non-public addresses are refused unless the host is in `INKWIRE_WORKFLOW_HTTP_ALLOW_HOSTS`
-//!   or `INKWIRE_WORKFLOW_HTTP_ALLOW_PRIVATE` is on (`inkwire dev`).
+//!   or `INKWIRE_WORKFLOW_HTTP_ALLOW_PRIVATE` is on (`inkwire dev`); inkwire itself
+//!   (`INKWIRE_WORKFLOW_SELF_URL`) is always reachable. With `"auth": "inkwire"` a request
+//!   to inkwire's own API carries a 5-minute token of the user who registered the workflow
+//!   version, so the step has that user's rights at the time of the call, no more.
 //! - `redis` — `get`, `set`, `incr`, `hget`, `hset`, `hincrby`, `hgetall`, `del` on keys
 //!   inside the project's namespace `inkwire:wf:data:{projectId}:{key}`; no other command.
 //!   Applied once per step: the result is stored under the step's key in the same script,
@@ -72,6 +75,8 @@ pub struct ActionContext {
     /// The AI endpoint's client: the operator configured that address, so it is not checked.
     pub ai_http: reqwest::Client,
     pub providers: crate::messaging::LazyProviders,
+    /// Signs the tokens of `"auth": "inkwire"` (none: such steps fail).
+    pub jwt: Option<Arc<inkwire_shared::auth::JwtKeys>>,
     pub config: Arc<WorkflowsConfig>,
 }
 
@@ -84,7 +89,7 @@ impl ActionContext {
         let http = reqwest::Client::builder()
             .dns_resolver(CheckedResolver {
                 allow_private: config.http_allow_private,
-                allow_hosts: config.http_allow_hosts.clone(),
+                allow_hosts: config.allowed_hosts(),
             })
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
@@ -96,6 +101,7 @@ impl ActionContext {
             http,
             ai_http: reqwest::Client::new(),
             providers: Default::default(),
+            jwt: None,
             config,
         }
     }
@@ -105,6 +111,9 @@ impl ActionContext {
 pub struct StepScope<'a> {
     pub project: &'a str,
     pub idempotency_key: &'a str,
+    /// The user who registered the workflow's version: `"auth": "inkwire"` calls inkwire's
+    /// own API as that user.
+    pub acting_user: Option<&'a str>,
 }
 
 fn input_str<'a>(input: &'a Value, key: &str) -> Result<&'a str, ActionError> {
@@ -204,7 +213,7 @@ async fn http(
     if let Some(ip) = literal
         && !is_public(ip)
         && !ctx.config.http_allow_private
-        && !ctx.config.http_allow_hosts.contains(&host)
+        && !ctx.config.allowed_hosts().contains(&host)
     {
         return Err(ActionError::permanent(
             "address_not_allowed",
@@ -218,6 +227,34 @@ async fn http(
         .http
         .request(method, url)
         .header("idempotency-key", scope.idempotency_key);
+    match input.get("auth").and_then(Value::as_str) {
+        None => {}
+        Some("inkwire") => {
+            // Only to inkwire itself: the token never leaves for a third party.
+            let (Some(jwt), Some(base), Some(user)) =
+                (&ctx.jwt, &ctx.config.self_url, scope.acting_user)
+            else {
+                return Err(ActionError::permanent(
+                    "auth_not_available",
+                    "auth inkwire: this engine has no signing key or INKWIRE_WORKFLOW_SELF_URL",
+                ));
+            };
+            if !(url_text == base.as_str() || url_text.starts_with(&format!("{base}/"))) {
+                return Err(ActionError::permanent(
+                    "auth_not_available",
+                    format!("auth inkwire: only for URLs under {base}"),
+                ));
+            }
+            let token = jwt.issue(user, &[], Duration::from_secs(300));
+            req = req.bearer_auth(token);
+        }
+        Some(other) => {
+            return Err(ActionError::permanent(
+                "invalid_input",
+                format!("auth: {other:?} is not \"inkwire\""),
+            ));
+        }
+    }
     if let Some(headers) = input.get("headers").and_then(Value::as_object) {
         for (k, v) in headers {
             req = req.header(k.as_str(), as_text(v));

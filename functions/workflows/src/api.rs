@@ -4,6 +4,9 @@
 //!   JSON pointer, `409` a version that exists with other content or is not above the latest;
 //! - `GET /api/workflows?projectId=` — the workflows the caller may read;
 //! - `GET /api/workflows/{id}?version=` — a definition (the latest by default);
+//! - `GET /api/workflows/templates`, `POST /api/workflows/templates/{name}/install` —
+//!   `{projectId, id?, timeZone?, storeUrl?, email?}`: a built-in template registered in a
+//!   project ([`crate::installing`]);
 //! - `GET /api/workflows/stats?projectId=` — per workflow: runs started, completed, failed,
 //!   cancelled and active, the mean duration of completed runs, steps succeeded and failed;
 //! - `POST /api/workflows/{id}/execute` — `{input?, version?, idempotencyKey?}` (or an
@@ -62,6 +65,8 @@ pub fn routes(api: WorkflowsApi) -> Router {
         .route("/api/workflows", get(list))
         .route("/api/workflows/register", post(register))
         .route("/api/workflows/stats", get(stats))
+        .route("/api/workflows/templates", get(templates))
+        .route("/api/workflows/templates/{name}/install", post(install))
         .route("/api/workflows/{id}", get(show))
         .route("/api/workflows/{id}/execute", post(execute))
         .route("/api/workflows/{id}/executions", get(executions))
@@ -129,7 +134,16 @@ async fn register(
             ),
         }]));
     }
-    match right(&api, &caller, &definition.project_id).await? {
+    store_definition(&api, &caller, definition).await
+}
+
+/// Registers a checked definition for `caller` (an owner of its project).
+async fn store_definition(
+    api: &WorkflowsApi,
+    caller: &Caller,
+    definition: crate::Definition,
+) -> Result<Response, Problem> {
+    match right(api, caller, &definition.project_id).await? {
         Some(true) => {}
         Some(false) => {
             return Err(Problem::forbidden(
@@ -144,7 +158,7 @@ async fn register(
         }
     }
     let mut redis = api.app.redis.clone();
-    let outcome = registry::register(&mut redis, &definition)
+    let outcome = registry::register(&mut redis, &definition, &caller.user_id)
         .await
         .map_err(redis_err)?;
     let view = json!({"id": definition.id, "version": definition.version, "projectId": definition.project_id, "definition": definition});
@@ -728,4 +742,86 @@ async fn stats(
         }
     }
     Ok(Json(json!({"workflows": out, "totals": totals})))
+}
+
+async fn templates(State(_api): State<WorkflowsApi>, _caller: Caller) -> Json<Value> {
+    Json(json!({"templates": crate::installing::catalogue()}))
+}
+
+async fn install(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, Problem> {
+    let name = checked_id("template", &name)?;
+    let Some(obj) = body.as_object() else {
+        return Err(Problem::bad_request("invalid_body", "the body must be a JSON object"));
+    };
+    const KNOWN: [&str; 5] = ["projectId", "id", "timeZone", "storeUrl", "email"];
+    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(Problem::bad_request(
+            "invalid_body",
+            format!("unknown field {:?}; known: {}", clip(k, 64), KNOWN.join(", ")),
+        ));
+    }
+    let text = |k: &str| -> Result<Option<String>, Problem> {
+        match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => Ok(Some(s.clone())),
+            Some(_) => Err(Problem::bad_request(
+                "invalid_body",
+                format!("{k}: must be a string of 1-512 characters"),
+            )),
+        }
+    };
+    let project = text("projectId")?
+        .ok_or_else(|| Problem::bad_request("invalid_body", "projectId: required"))?;
+    checked_id("project", &project)?;
+    let id = text("id")?;
+    // The next version when the project installed it before.
+    let mut redis = api.app.redis.clone();
+    let default_id = format!("{project}-{name}");
+    let version = match registry::latest(&mut redis, id.as_deref().unwrap_or(&default_id))
+        .await
+        .map_err(redis_err)?
+    {
+        Some((latest, _)) => latest + 1,
+        None => 1,
+    };
+    let params = crate::installing::InstallParams {
+        project,
+        id,
+        version,
+        self_url: api.engine.config.self_url.clone(),
+        store_url: text("storeUrl")?,
+        email: text("email")?,
+        time_zone: text("timeZone")?,
+    };
+    let json = crate::installing::instantiate(name, &params).map_err(|e| {
+        if e.field == "name" {
+            Problem::new(StatusCode::NOT_FOUND, "template_not_found", e.message)
+        } else {
+            Problem::validation(vec![FieldError {
+                pointer: format!("/{}", e.field),
+                rule: "template".into(),
+                kind: "string".into(),
+                message: e.message,
+            }])
+        }
+    })?;
+    let definition = parse_definition(&json).map_err(|errors| {
+        Problem::validation(
+            errors
+                .into_iter()
+                .map(|e| FieldError {
+                    pointer: e.path,
+                    rule: "workflow".into(),
+                    kind: "definition".into(),
+                    message: e.message,
+                })
+                .collect(),
+        )
+    })?;
+    store_definition(&api, &caller, definition).await
 }

@@ -30,6 +30,10 @@ pub struct WorkflowsConfig {
     /// The sandbox of the file action (`INKWIRE_WORKFLOW_FILES_DIR`); one directory per
     /// project inside it.
     pub files_dir: PathBuf,
+    /// inkwire's own base URL (`INKWIRE_WORKFLOW_SELF_URL`, e.g. `http://127.0.0.1:8080`;
+    /// `inkwire dev` / `serve` default to their address): what `"auth": "inkwire"` may call,
+    /// and always reachable by the `http` action.
+    pub self_url: Option<String>,
     /// SMTP and SNS for the email and SMS actions (the notifications' variables:
     /// `INKWIRE_SMTP_URL`, `INKWIRE_SNS_*`, ...).
     pub providers: ProviderConfig,
@@ -47,6 +51,7 @@ impl Default for WorkflowsConfig {
             http_allow_private: false,
             http_allow_hosts: Vec::new(),
             files_dir: std::env::temp_dir().join("inkwire-workflow-files"),
+            self_url: None,
             providers: ProviderConfig::default(),
             ai: AiConfig::default(),
         }
@@ -54,6 +59,21 @@ impl Default for WorkflowsConfig {
 }
 
 impl WorkflowsConfig {
+    /// The hosts the `http` action may reach on private addresses: the configured ones and
+    /// inkwire's own.
+    pub fn allowed_hosts(&self) -> Vec<String> {
+        let mut hosts = self.http_allow_hosts.clone();
+        if let Some(host) = self
+            .self_url
+            .as_deref()
+            .and_then(|u| reqwest::Url::parse(u).ok())
+            .and_then(|u| u.host_str().map(|h| h.to_ascii_lowercase()))
+        {
+            hosts.push(host);
+        }
+        hosts
+    }
+
     pub fn from_env() -> anyhow::Result<WorkflowsConfig> {
         let mut c = WorkflowsConfig::default();
         for (name, slot) in [
@@ -84,6 +104,13 @@ impl WorkflowsConfig {
         }
         if let Ok(v) = std::env::var("INKWIRE_WORKFLOW_FILES_DIR") {
             c.files_dir = PathBuf::from(v);
+        }
+        if let Ok(v) = std::env::var("INKWIRE_WORKFLOW_SELF_URL") {
+            let v = v.trim().trim_end_matches('/').to_string();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                anyhow::bail!("INKWIRE_WORKFLOW_SELF_URL: not an http:// or https:// URL");
+            }
+            c.self_url = Some(v);
         }
         c.providers = ProviderConfig::from_env()?;
         c.ai = AiConfig::from_env()?;

@@ -94,6 +94,9 @@ pub fn now_ms() -> u64 {
 pub struct Loaded {
     pub definition: Definition,
     pub dag: Dag,
+    /// Who registered this version: the user an `http` step with `"auth": "inkwire"` acts
+    /// as (with that user's rights at the time of the call).
+    pub registered_by: Option<String>,
 }
 
 impl Loaded {
@@ -130,6 +133,12 @@ impl Engine {
         }
     }
 
+    /// Signs the tokens of `http` steps with `"auth": "inkwire"`.
+    pub fn with_jwt(mut self, jwt: Arc<inkwire_shared::auth::JwtKeys>) -> Engine {
+        self.actions.jwt = Some(jwt);
+        self
+    }
+
     /// A version of a definition (from the cache, or Redis once).
     pub async fn definition(&self, id: &str, version: u32) -> anyhow::Result<Arc<Loaded>> {
         if let Some(d) = self
@@ -145,7 +154,12 @@ impl Engine {
             .await?
             .ok_or_else(|| anyhow::anyhow!("workflow {id} version {version} is not registered"))?;
         let dag = Dag::new(&definition).map_err(|e| anyhow::anyhow!(e))?;
-        let loaded = Arc::new(Loaded { definition, dag });
+        let registered_by = registry::registrant(&mut redis, id, version).await?;
+        let loaded = Arc::new(Loaded {
+            definition,
+            dag,
+            registered_by,
+        });
         self.definitions
             .lock()
             .unwrap()
@@ -632,11 +646,15 @@ pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerEr
         Err(e) => Outcome::Failed(ActionError::permanent("template_error", e.to_string())),
         Ok(input) => {
             rendered = input.clone();
+            let scope = RunScope {
+                project: &project,
+                acting: loaded.registered_by.as_deref(),
+            };
             run_step(
                 engine,
                 &d,
                 step,
-                &project,
+                &scope,
                 &input,
                 from == step_status::WAITING,
                 &fields,
@@ -653,11 +671,17 @@ pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerEr
 }
 
 /// Runs the step's action under its timeout, watching for a cancel.
+/// Whose run a step is part of: its project, and the user `"auth": "inkwire"` acts as.
+struct RunScope<'a> {
+    project: &'a str,
+    acting: Option<&'a str>,
+}
+
 async fn run_step(
     engine: &Engine,
     d: &Dispatch,
     step: &Step,
-    project: &str,
+    scope: &RunScope<'_>,
     input: &Value,
     resumed: bool,
     fields: &HashMap<String, String>,
@@ -701,7 +725,7 @@ async fn run_step(
                 Err(e) => Outcome::Failed(e),
             }
         }
-        Action::Loop => match run_loop(engine, d, project, input, fields).await {
+        Action::Loop => match run_loop(engine, d, scope, input, fields).await {
             Ok(output) => Outcome::Succeeded {
                 output,
                 skip: Vec::new(),
@@ -711,8 +735,9 @@ async fn run_step(
         action => {
             let key = format!("{}:{}", d.run, d.step);
             let scope = StepScope {
-                project,
+                project: scope.project,
                 idempotency_key: &key,
+                acting_user: scope.acting,
             };
             let work = actions::run(&engine.actions, action, &scope, input);
             let timeout = tokio::time::sleep(step.timeout.0);
@@ -767,7 +792,7 @@ pub const MAX_LOOP_ITEMS: usize = 1_000;
 async fn run_loop(
     engine: &Engine,
     d: &Dispatch,
-    project: &str,
+    scope: &RunScope<'_>,
     input: &Value,
     fields: &HashMap<String, String>,
 ) -> Result<Value, ActionError> {
@@ -802,7 +827,8 @@ async fn run_loop(
                 engine.clone(),
                 d.run.clone(),
                 d.step.clone(),
-                project.to_string(),
+                scope.project.to_string(),
+                scope.acting.map(str::to_string),
                 action,
                 inner["input"].clone(),
                 ctx,
@@ -829,6 +855,7 @@ async fn loop_iteration(
     run: String,
     step: String,
     project: String,
+    acting: Option<String>,
     action: Action,
     input: Value,
     ctx: Value,
@@ -844,6 +871,7 @@ async fn loop_iteration(
     let scope = StepScope {
         project: &project,
         idempotency_key: &key,
+        acting_user: acting.as_deref(),
     };
     let output = actions::run(&engine.actions, action, &scope, &input).await?;
     let mut redis = engine.redis.clone();
@@ -1549,7 +1577,8 @@ pub async fn worker_from_env() -> anyhow::Result<()> {
     let app = inkwire_shared::AppState::start_from_env("inkwire-workflows-worker").await?;
     let addr = app.config.http_addr;
     let (trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
-    let engine = Engine::new(app.js.clone(), app.redis.clone(), config);
+    let engine =
+        Engine::new(app.js.clone(), app.redis.clone(), config).with_jwt(app.jwt.clone());
     let worker = tokio::spawn(run_worker(engine, shutdown));
     let health = inkwire_shared::http::health_routes().with_state(app);
     inkwire_shared::http::serve(health, addr, async move {

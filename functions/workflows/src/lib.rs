@@ -21,6 +21,7 @@ pub mod cron;
 pub mod dag;
 pub mod definition;
 pub mod engine;
+pub mod installing;
 pub mod messaging;
 pub mod registry;
 pub mod store;

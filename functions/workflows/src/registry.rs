@@ -27,7 +27,7 @@ pub enum Registered {
     },
 }
 
-/// KEYS: def, defs, project defs. ARGV: version, json, id, project.
+/// KEYS: def, defs, project defs. ARGV: version, json, id, project, registrant.
 const REGISTER: &str = r#"
 local existing = redis.call('HGET', KEYS[1], 'v' .. ARGV[1])
 if existing then
@@ -38,7 +38,8 @@ local project = redis.call('HGET', KEYS[1], 'project')
 if project and project ~= ARGV[4] then return {'project', project} end
 local latest = tonumber(redis.call('HGET', KEYS[1], 'latest') or '0')
 if latest >= tonumber(ARGV[1]) then return {'stale', tostring(latest)} end
-redis.call('HSET', KEYS[1], 'v' .. ARGV[1], ARGV[2], 'latest', ARGV[1], 'project', ARGV[4])
+redis.call('HSET', KEYS[1], 'v' .. ARGV[1], ARGV[2], 'latest', ARGV[1], 'project', ARGV[4],
+  'by' .. ARGV[1], ARGV[5])
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[3])
 return {'created'}
@@ -47,6 +48,7 @@ return {'created'}
 pub async fn register(
     redis: &mut ConnectionManager,
     definition: &Definition,
+    registrant: &str,
 ) -> anyhow::Result<Registered> {
     static S: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     let script = S.get_or_init(|| redis::Script::new(REGISTER));
@@ -59,6 +61,7 @@ pub async fn register(
         .arg(json)
         .arg(&definition.id)
         .arg(&definition.project_id)
+        .arg(registrant)
         .invoke_async(redis)
         .await?;
     Ok(match answer.first().map(String::as_str) {
@@ -117,4 +120,17 @@ pub async fn ids(
     let mut ids: Vec<String> = redis::cmd("SMEMBERS").arg(key).query_async(redis).await?;
     ids.sort();
     Ok(ids)
+}
+
+/// Who registered a version.
+pub async fn registrant(
+    redis: &mut ConnectionManager,
+    id: &str,
+    version: u32,
+) -> anyhow::Result<Option<String>> {
+    Ok(redis::cmd("HGET")
+        .arg(store::definition_key(id))
+        .arg(format!("by{version}"))
+        .query_async(redis)
+        .await?)
 }

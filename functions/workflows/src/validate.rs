@@ -527,6 +527,7 @@ impl Checker {
                     false,
                     &["GET", "POST", "PUT", "PATCH", "DELETE"],
                 );
+                self.one_of(&o, "auth", false, &["inkwire"]);
             }
             Action::Redis => {
                 let ops = [
