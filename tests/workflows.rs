@@ -1196,6 +1196,17 @@ async fn start_ai() -> (String, Arc<Mutex<Vec<Value>>>) {
             .as_array()
             .and_then(|m| m.last())
             .map(|m| m["content"].clone());
+        if body.get("response_format").is_some() {
+            let listing = json!({"title": "The Long Draft", "subtitle": "A novel", "description": "A book.",
+                "keywords": ["a", "b", "c", "d", "e"]});
+            return (
+                axum::http::StatusCode::OK,
+                Json(
+                    json!({"model": body["model"], "choices": [{"index": 0, "message": {"role": "assistant",
+                    "content": format!("```json\n{listing}\n```")}}]}),
+                ),
+            );
+        }
         (
             axum::http::StatusCode::OK,
             Json(
@@ -1343,7 +1354,11 @@ async fn email_sms_notification_ai_and_loop_actions_reach_real_peers() {
 
 async fn install(env: &TestEnv, name: &str, body: Value) -> String {
     let (s, b) = env
-        .post(&format!("/api/workflows/templates/{name}/install"), &env.token("olga"), &body)
+        .post(
+            &format!("/api/workflows/templates/{name}/install"),
+            &env.token("olga"),
+            &body,
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     b["id"].as_str().unwrap().to_string()
@@ -1354,14 +1369,20 @@ async fn runs_ended(env: &TestEnv, id: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, list) = env
-            .get(&format!("/api/workflows/{id}/executions"), &env.token("olga"))
+            .get(
+                &format!("/api/workflows/{id}/executions"),
+                &env.token("olga"),
+            )
             .await;
         let runs = list["executions"].as_array().cloned().unwrap_or_default();
         if runs.iter().filter(|r| r["status"] != "running").count() >= n {
             let mut full = Vec::new();
             for r in &runs {
                 let (_, v) = env
-                    .get(&format!("/api/workflows/executions/{}", r["runId"].as_str().unwrap()), &env.token("olga"))
+                    .get(
+                        &format!("/api/workflows/executions/{}", r["runId"].as_str().unwrap()),
+                        &env.token("olga"),
+                    )
                     .await;
                 full.push(v);
             }
@@ -1375,12 +1396,32 @@ async fn runs_ended(env: &TestEnv, id: &str, n: usize) -> Vec<Value> {
 async fn inbox(env: &TestEnv, user: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, b) = env.get("/api/realtime/notifications", &env.token(user)).await;
+        let (_, b) = env
+            .get("/api/realtime/notifications", &env.token(user))
+            .await;
         let items = b["notifications"].as_array().cloned().unwrap_or_default();
         if items.len() >= n {
             return items;
         }
         assert!(Instant::now() < deadline, "{user}: {b:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The user's notification with `title`, once it is in the inbox.
+async fn inbox_with(env: &TestEnv, user: &str, title: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, b) = env
+            .get("/api/realtime/notifications", &env.token(user))
+            .await;
+        if let Some(n) = b["notifications"]
+            .as_array()
+            .and_then(|items| items.iter().find(|n| n["title"] == title))
+        {
+            return n.clone();
+        }
+        assert!(Instant::now() < deadline, "{user}: no {title:?} in {b:#}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -1421,24 +1462,50 @@ async fn templates_install_per_project_and_run_end_to_end() {
     env.add_member("p-w", "olga", ProjectRole::Owner).await;
     env.add_member("p-w", "rita", ProjectRole::Editor).await;
     env.register_document("p-w", "d-1").await;
-    let (_, list) = env.get("/api/workflows/templates", &env.token("rita")).await;
+    let (_, list) = env
+        .get("/api/workflows/templates", &env.token("rita"))
+        .await;
     assert_eq!(list["templates"].as_array().unwrap().len(), 6, "{list:#}");
     // Owners install; the parameters a template needs are asked for by name.
     let (s, _) = env
-        .post("/api/workflows/templates/sales-spike-alert/install", &env.token("rita"), &json!({"projectId": "p-w"}))
+        .post(
+            "/api/workflows/templates/sales-spike-alert/install",
+            &env.token("rita"),
+            &json!({"projectId": "p-w"}),
+        )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, b) = env
-        .post("/api/workflows/templates/weekly-analytics-digest/install", &env.token("olga"), &json!({"projectId": "p-w"}))
+        .post(
+            "/api/workflows/templates/weekly-analytics-digest/install",
+            &env.token("olga"),
+            &json!({"projectId": "p-w"}),
+        )
         .await;
-    assert_eq!((s, b["errors"][0]["pointer"].as_str()), (StatusCode::BAD_REQUEST, Some("/email")), "{b}");
+    assert_eq!(
+        (s, b["errors"][0]["pointer"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("/email")),
+        "{b}"
+    );
     let (s, b) = env
-        .post("/api/workflows/templates/nope/install", &env.token("olga"), &json!({"projectId": "p-w"}))
+        .post(
+            "/api/workflows/templates/nope/install",
+            &env.token("olga"),
+            &json!({"projectId": "p-w"}),
+        )
         .await;
-    assert_eq!((s, b["code"].as_str()), (StatusCode::NOT_FOUND, Some("template_not_found")));
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("template_not_found"))
+    );
 
     // Collaboration conflict alert: both writers are told, at high priority.
-    install(&env, "collaboration-conflict-alert", json!({"projectId": "p-w"})).await;
+    install(
+        &env,
+        "collaboration-conflict-alert",
+        json!({"projectId": "p-w"}),
+    )
+    .await;
     // Sales spike: 7 days at 10 a day, then 25 in one update.
     let spike = install(&env, "sales-spike-alert", json!({"projectId": "p-w"})).await;
     let mut redis = env.state.redis.clone();
@@ -1461,29 +1528,71 @@ async fn templates_install_per_project_and_run_end_to_end() {
         {"category": "publishing", "type": "sales_updated", "userId": "olga", "projectId": "p-w",
          "data": {"bookId": "b-1", "platform": "kdp", "units": 25}}
     ]});
-    let (s, b) = env.post("/api/realtime/events/batch", &env.service_token(), &events).await;
+    let (s, b) = env
+        .post("/api/realtime/events/batch", &env.service_token(), &events)
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     let runs = runs_ended(&env, &spike, 1).await;
     assert_eq!(runs[0]["status"], "completed", "{:#}", runs[0]);
-    assert_eq!(step(&runs[0], "spike")["output"]["result"], true, "{:#}", runs[0]);
+    assert_eq!(
+        step(&runs[0], "spike")["output"]["result"],
+        true,
+        "{:#}",
+        runs[0]
+    );
     let rita = inbox(&env, "rita", 2).await;
     let titles: Vec<&str> = rita.iter().map(|n| n["title"].as_str().unwrap()).collect();
     assert!(titles.contains(&"Editing conflict"), "{titles:?}");
-    assert!(titles.iter().any(|t| t.starts_with("Sales spike for b-1")), "{titles:?}");
+    assert!(
+        titles.iter().any(|t| t.starts_with("Sales spike for b-1")),
+        "{titles:?}"
+    );
     assert!(rita.iter().all(|n| n["priority"] == "high"), "{rita:#?}");
 
     // Daily goal reminder at 20:00 in the project's zone (fired now): nobody wrote today.
-    let goal = install(&env, "daily-writing-goal-reminder", json!({"projectId": "p-w", "timeZone": "Europe/Paris"})).await;
-    let (_, def) = env.get(&format!("/api/workflows/{goal}"), &env.token("olga")).await;
+    let goal = install(
+        &env,
+        "daily-writing-goal-reminder",
+        json!({"projectId": "p-w", "timeZone": "Europe/Paris"}),
+    )
+    .await;
+    let (_, def) = env
+        .get(&format!("/api/workflows/{goal}"), &env.token("olga"))
+        .await;
     assert_eq!(def["triggers"][0]["timeZone"], "Europe/Paris");
     fire_cron_now(&env, &goal).await;
     let runs = runs_ended(&env, &goal, 1).await;
     assert_eq!(runs[0]["status"], "completed", "{:#}", runs[0]);
-    let olga = inbox(&env, "olga", 3).await;
-    assert!(olga.iter().any(|n| n["title"] == "500 words to go today"), "{olga:#?}");
+    let olga = inbox_with(&env, "olga", "500 words to go today").await;
+    assert_eq!(olga["priority"], "medium", "{olga:#}");
+    // Each notification once (the notifications' own rule for conflicts sends another
+    // "Editing conflict", with its own text).
+    let (_, all) = env
+        .get("/api/realtime/notifications", &env.token("olga"))
+        .await;
+    let sent: Vec<(String, String)> = all["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["title"].to_string(), n["body"].to_string()))
+        .collect();
+    let unique: std::collections::BTreeSet<&(String, String)> = sent.iter().collect();
+    assert_eq!(unique.len(), sent.len(), "{sent:?}");
+    assert_eq!(
+        sent.iter()
+            .filter(|(_, b)| b.contains("are editing the same paragraph"))
+            .count(),
+        1,
+        "{sent:?}"
+    );
 
     // Weekly digest by email.
-    let digest = install(&env, "weekly-analytics-digest", json!({"projectId": "p-w", "email": "olga@example.com"})).await;
+    let digest = install(
+        &env,
+        "weekly-analytics-digest",
+        json!({"projectId": "p-w", "email": "olga@example.com"}),
+    )
+    .await;
     fire_cron_now(&env, &digest).await;
     let runs = runs_ended(&env, &digest, 1).await;
     assert_eq!(runs[0]["status"], "completed", "{:#}", runs[0]);
@@ -1493,14 +1602,120 @@ async fn templates_install_per_project_and_run_end_to_end() {
 
     // Auto-save: crossing 100 words writes a snapshot of the document to the sandbox.
     let backup = install(&env, "auto-save-backup", json!({"projectId": "p-w"})).await;
-    let word = |total: u64| json!({"category": "writing", "type": "word_added", "userId": "olga", "projectId": "p-w",
-        "documentId": "d-1", "data": {"sessionId": "s-1", "words": 5, "totalWords": total}});
+    let word = |total: u64| {
+        json!({"category": "writing", "type": "word_added", "userId": "olga", "projectId": "p-w",
+        "documentId": "d-1", "data": {"sessionId": "s-1", "words": 5, "totalWords": total}})
+    };
     let (s, b) = env
-        .post("/api/realtime/events/batch", &env.service_token(), &json!({"events": [word(60), word(102)]}))
+        .post(
+            "/api/realtime/events/batch",
+            &env.service_token(),
+            &json!({"events": [word(60), word(102)]}),
+        )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     let runs = runs_ended(&env, &backup, 2).await;
-    let snapshot = runs.iter().find(|r| step(r, "snapshot")["status"] == "succeeded").expect("a snapshot");
-    assert_eq!(step(snapshot, "snapshot")["output"]["path"], "backups/d-1/100-words.json");
-    assert!(runs.iter().any(|r| step(r, "snapshot")["status"] == "skipped"), "the 60-word event wrote nothing");
+    let snapshot = runs
+        .iter()
+        .find(|r| step(r, "snapshot")["status"] == "succeeded")
+        .expect("a snapshot");
+    assert_eq!(
+        step(snapshot, "snapshot")["output"]["path"],
+        "backups/d-1/100-words.json"
+    );
+    assert!(
+        runs.iter()
+            .any(|r| step(r, "snapshot")["status"] == "skipped"),
+        "the 60-word event wrote nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publication_pipeline_builds_an_epub_uploads_it_and_tells_the_author() {
+    let (ai_url, _) = start_ai().await;
+    // The store: records every request with its body.
+    type Seen = Arc<Mutex<Vec<(String, String, Value)>>>;
+    let store: Seen = Arc::default();
+    async fn books(
+        State(seen): State<Seen>,
+        method: axum::http::Method,
+        Path(id): Path<String>,
+        body: String,
+    ) -> Json<Value> {
+        let v = serde_json::from_str(&body).unwrap_or(Value::Null);
+        seen.lock()
+            .unwrap()
+            .push((method.to_string(), id.clone(), v));
+        Json(json!({"bookId": id, "listed": true}))
+    }
+    let app = Router::new()
+        .route("/v1/books/{id}", any(books))
+        .with_state(store.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let store_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let env = TestEnv::start_settings(
+        |_| {},
+        |s| {
+            s.without_workflows_worker = false;
+            s.workflows.ai = inkwire_workflows::messaging::AiConfig {
+                base_url: Some(ai_url.clone()),
+                model: "local-model".into(),
+                api_key: None,
+                timeout: Duration::from_secs(10),
+            };
+        },
+    )
+    .await;
+    env.add_member("p-w", "olga", ProjectRole::Owner).await;
+    env.register_document("p-w", "d-1").await;
+    // The manuscript, typed by a stock Yjs client.
+    let mut writer = env.synced_peer(&env.base, "d-1", "olga").await;
+    let paragraph = "It was a long draft, and the night was longer. ".repeat(10);
+    let manuscript = format!("{paragraph}\n\n{paragraph}\n\n{paragraph}");
+    writer.insert(0, &manuscript).await;
+    writer.quiesce(300).await;
+    let id = install(
+        &env,
+        "book-publication-pipeline",
+        json!({"projectId": "p-w", "storeUrl": store_url}),
+    )
+    .await;
+    let moved = json!({"category": "publishing", "type": "status_changed", "userId": "olga", "projectId": "p-w",
+        "documentId": "d-1", "data": {"bookId": "b-7", "from": "draft", "to": "review"}});
+    let (s, b) = env
+        .post("/api/realtime/events/publish", &env.service_token(), &moved)
+        .await;
+    assert!(s.is_success(), "{s} {b}");
+    let runs = runs_ended(&env, &id, 1).await;
+    let run = &runs[0];
+    assert_eq!(run["status"], "completed", "{run:#}");
+    assert_eq!(step(run, "valid")["output"]["result"], true);
+    assert_eq!(step(run, "notify_invalid")["status"], "skipped");
+    assert_eq!(
+        step(run, "metadata")["output"]["json"]["title"],
+        "The Long Draft"
+    );
+    // The EPUB: a zip whose first entry is the EPUB mimetype, with the manuscript inside.
+    let epub = step(run, "epub")["output"].clone();
+    assert_eq!(epub["chapters"], 1);
+    let uploaded = store.lock().unwrap().clone();
+    assert_eq!(uploaded.len(), 1, "{uploaded:?}");
+    let (method, book, body) = &uploaded[0];
+    assert_eq!((method.as_str(), book.as_str()), ("PUT", "b-7"));
+    assert_eq!(body["metadata"]["title"], "The Long Draft");
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body["epub"]["base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(bytes.len() as u64, body["epub"]["bytes"].as_u64().unwrap());
+    assert!(bytes.starts_with(b"PK"), "not a zip");
+    assert_eq!(&bytes[30..38], b"mimetype");
+    assert_eq!(&bytes[38..58], b"application/epub+zip");
+    // The author is told.
+    let olga = inbox(&env, "olga", 1).await;
+    assert_eq!(
+        olga[0]["title"], "Book b-7 was sent to the store",
+        "{olga:#?}"
+    );
 }

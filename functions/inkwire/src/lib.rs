@@ -216,12 +216,9 @@ pub async fn start(
         // Steps with `"auth": "inkwire"` call this process.
         workflows_config.self_url = Some(format!("http://{}", state.config.http_addr));
     }
-    let workflow_engine = WorkflowEngine::new(
-        state.js.clone(),
-        state.redis.clone(),
-        workflows_config,
-    )
-    .with_jwt(state.jwt.clone());
+    let workflow_engine =
+        WorkflowEngine::new(state.js.clone(), state.redis.clone(), workflows_config)
+            .with_jwt(state.jwt.clone());
     let workflows_task = tokio::spawn(if settings.without_workflows_worker {
         futures::future::ready(Ok(())).boxed()
     } else {

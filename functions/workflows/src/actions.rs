@@ -16,7 +16,8 @@
 //!   inside the project's namespace `inkwire:wf:data:{projectId}:{key}`; no other command.
 //!   Applied once per step: the result is stored under the step's key in the same script,
 //!   so an attempt repeated after a crash does not increment twice.
-//! - `file` — `read`, `write`, `list` inside the project's directory of the sandbox; paths
+//! - `file` — `read`, `write`, `list`, `epub` (an EPUB 3 built with epub-builder from
+//!   chapters or one text) inside the project's directory of the sandbox; paths
 //!   are relative and `..`-free (checked when the definition is registered and again here,
 //!   after rendering), and writes replace the file atomically (a temporary file renamed).
 //!
@@ -497,6 +498,7 @@ async fn file(
             tokio::fs::rename(&tmp, &path).await.map_err(io)?;
             Ok(json!({"path": path_text, "bytes": content.len()}))
         }
+        "epub" => epub(ctx, scope, input, &path, path_text).await,
         "list" => {
             let mut entries = Vec::new();
             let mut dir = match tokio::fs::read_dir(&path).await {
@@ -522,9 +524,131 @@ async fn file(
         }
         other => Err(ActionError::permanent(
             "invalid_input",
-            format!("op: {other:?} is not one of read, write, list"),
+            format!("op: {other:?} is not one of read, write, list, epub"),
         )),
     }
+}
+
+/// The largest EPUB whose bytes are also in the step's output (base64), for an upload step.
+pub const MAX_INLINE_EPUB: usize = 4 * 1024 * 1024;
+
+/// `<p>` paragraphs of `text` (blank lines separate them), escaped.
+fn xhtml_chapter(title: &str, text: &str) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let paragraphs: String = text
+        .split("\n\n")
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("<p>{}</p>\n", esc(p).replace('\n', "<br/>")))
+        .collect();
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" xmlns:epub=\"http://www.idpf.org/2007/ops\">\n<head><title>{t}</title></head>\n<body>\n<h1>{t}</h1>\n{paragraphs}</body>\n</html>\n",
+        t = esc(title)
+    )
+}
+
+/// `file` with `op: "epub"`: an EPUB 3 built with epub-builder from `chapters`
+/// (`[{title, content}]`) or one `content`, with `title`, `author` and `language` (`en`),
+/// written atomically at `path` (which must end in `.epub`). The output has the file's
+/// `path`, `bytes`, `chapters`, and its bytes in `base64` up to 4 MiB (for an upload step).
+async fn epub(
+    ctx: &ActionContext,
+    scope: &StepScope<'_>,
+    input: &Value,
+    path: &std::path::Path,
+    path_text: &str,
+) -> Result<Value, ActionError> {
+    let _ = ctx;
+    if !path_text.ends_with(".epub") {
+        return Err(ActionError::permanent(
+            "invalid_path",
+            "path: must end with .epub",
+        ));
+    }
+    let title = input_str(input, "title")?.to_string();
+    let author = input
+        .get("author")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let language = input
+        .get("language")
+        .and_then(Value::as_str)
+        .unwrap_or("en")
+        .to_string();
+    let chapters: Vec<(String, String)> = match (input.get("chapters"), input.get("content")) {
+        (Some(Value::Array(list)), _) => list
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                (
+                    c["title"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("Chapter {}", i + 1)),
+                    c.get("content").map(as_text).unwrap_or_default(),
+                )
+            })
+            .collect(),
+        (_, Some(content)) => vec![(title.clone(), as_text(content))],
+        _ => {
+            return Err(ActionError::permanent(
+                "invalid_input",
+                "chapters or content: one is required",
+            ));
+        }
+    };
+    if chapters.is_empty() || chapters.len() > 500 {
+        return Err(ActionError::permanent(
+            "invalid_input",
+            "chapters: 1 to 500",
+        ));
+    }
+    let count = chapters.len();
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        use epub_builder::{EpubBuilder, EpubContent, EpubVersion, ReferenceType, ZipLibrary};
+        let e = |e: epub_builder::Error| e.to_string();
+        let mut b = EpubBuilder::new(ZipLibrary::new().map_err(e)?).map_err(e)?;
+        b.epub_version(EpubVersion::V30);
+        b.set_title(title.clone());
+        b.set_languages(vec![language]);
+        if let Some(a) = author {
+            b.add_author(a);
+        }
+        b.inline_toc();
+        for (i, (t, text)) in chapters.iter().enumerate() {
+            let page = xhtml_chapter(t, text);
+            b.add_content(
+                EpubContent::new(format!("chapter_{}.xhtml", i + 1), page.as_bytes())
+                    .title(t.clone())
+                    .reftype(ReferenceType::Text),
+            )
+            .map_err(e)?;
+        }
+        let mut out = Vec::new();
+        b.generate(&mut out).map_err(e)?;
+        Ok(out)
+    })
+    .await
+    .map_err(|e| ActionError::transient("epub_failed", e.to_string()))?
+    .map_err(|e| ActionError::permanent("epub_failed", e))?;
+    let io = |e: std::io::Error| ActionError::transient("io_error", format!("{path_text}: {e}"));
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await.map_err(io)?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", scope.idempotency_key.replace(':', "-")));
+    tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
+    tokio::fs::rename(&tmp, path).await.map_err(io)?;
+    let mut out = json!({"path": path_text, "bytes": bytes.len(), "chapters": count, "mediaType": "application/epub+zip"});
+    if bytes.len() <= MAX_INLINE_EPUB {
+        use base64::Engine as _;
+        out["base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&bytes));
+    }
+    Ok(out)
 }
 
 /// Runs an action with an effect (everything but `delay`, `condition` and `loop`).

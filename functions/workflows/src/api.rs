@@ -756,13 +756,20 @@ async fn install(
 ) -> Result<Response, Problem> {
     let name = checked_id("template", &name)?;
     let Some(obj) = body.as_object() else {
-        return Err(Problem::bad_request("invalid_body", "the body must be a JSON object"));
+        return Err(Problem::bad_request(
+            "invalid_body",
+            "the body must be a JSON object",
+        ));
     };
     const KNOWN: [&str; 5] = ["projectId", "id", "timeZone", "storeUrl", "email"];
     if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(Problem::bad_request(
             "invalid_body",
-            format!("unknown field {:?}; known: {}", clip(k, 64), KNOWN.join(", ")),
+            format!(
+                "unknown field {:?}; known: {}",
+                clip(k, 64),
+                KNOWN.join(", ")
+            ),
         ));
     }
     let text = |k: &str| -> Result<Option<String>, Problem> {

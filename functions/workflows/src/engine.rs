@@ -1577,8 +1577,7 @@ pub async fn worker_from_env() -> anyhow::Result<()> {
     let app = inkwire_shared::AppState::start_from_env("inkwire-workflows-worker").await?;
     let addr = app.config.http_addr;
     let (trigger, shutdown) = inkwire_shared::consumer::ShutdownTrigger::new();
-    let engine =
-        Engine::new(app.js.clone(), app.redis.clone(), config).with_jwt(app.jwt.clone());
+    let engine = Engine::new(app.js.clone(), app.redis.clone(), config).with_jwt(app.jwt.clone());
     let worker = tokio::spawn(run_worker(engine, shutdown));
     let health = inkwire_shared::http::health_routes().with_state(app);
     inkwire_shared::http::serve(health, addr, async move {

@@ -111,7 +111,11 @@ pub fn instantiate(name: &str, params: &InstallParams) -> Result<Value, InstallE
             }
         }
     }
-    replace_strings(&mut def, ZONE_PLACEHOLDER, params.time_zone.as_deref().unwrap_or("UTC"));
+    replace_strings(
+        &mut def,
+        ZONE_PLACEHOLDER,
+        params.time_zone.as_deref().unwrap_or("UTC"),
+    );
     Ok(def)
 }
 
@@ -153,11 +157,20 @@ mod tests {
         for (name, _) in crate::templates() {
             let def = instantiate(name, &params()).unwrap();
             let text = def.to_string();
-            for placeholder in [SELF_PLACEHOLDER, STORE_PLACEHOLDER, EMAIL_PLACEHOLDER, ZONE_PLACEHOLDER, "\"template\""] {
+            for placeholder in [
+                SELF_PLACEHOLDER,
+                STORE_PLACEHOLDER,
+                EMAIL_PLACEHOLDER,
+                ZONE_PLACEHOLDER,
+                "\"template\"",
+            ] {
                 assert!(!text.contains(placeholder), "{name}: {placeholder} left");
             }
             let parsed = crate::parse_definition(&def).unwrap_or_else(|e| panic!("{name}: {e:?}"));
-            assert_eq!((parsed.id.as_str(), parsed.project_id.as_str()), (format!("p-1-{name}").as_str(), "p-1"));
+            assert_eq!(
+                (parsed.id.as_str(), parsed.project_id.as_str()),
+                (format!("p-1-{name}").as_str(), "p-1")
+            );
         }
         let digest = instantiate("weekly-analytics-digest", &params()).unwrap();
         assert_eq!(digest["triggers"][0]["timeZone"], "America/New_York");
@@ -168,11 +181,24 @@ mod tests {
     fn missing_parameters_are_named() {
         let mut p = params();
         p.store_url = None;
-        assert_eq!(instantiate("book-publication-pipeline", &p).unwrap_err().field, "storeUrl");
+        assert_eq!(
+            instantiate("book-publication-pipeline", &p)
+                .unwrap_err()
+                .field,
+            "storeUrl"
+        );
         p.email = None;
-        assert_eq!(instantiate("weekly-analytics-digest", &p).unwrap_err().field, "email");
+        assert_eq!(
+            instantiate("weekly-analytics-digest", &p)
+                .unwrap_err()
+                .field,
+            "email"
+        );
         assert_eq!(instantiate("nope", &p).unwrap_err().field, "name");
         p.project = "x".repeat(60);
-        assert_eq!(instantiate("sales-spike-alert", &p).unwrap_err().field, "id");
+        assert_eq!(
+            instantiate("sales-spike-alert", &p).unwrap_err().field,
+            "id"
+        );
     }
 }

@@ -332,7 +332,8 @@ pub async fn notification(
 }
 
 /// A chat completion: `{prompt}` (one user message, an optional `system`) or `{messages}`;
-/// `model`, `temperature`, `maxTokens` optional. The output is `{text, model, usage}`.
+/// `model`, `temperature`, `maxTokens` optional; `responseFormat: "json"` asks for a JSON
+/// object and parses it into `json`. The output is `{text, model, usage, json?}`.
 pub async fn ai(ctx: &ActionContext, input: &Value) -> Result<Value, ActionError> {
     let ai = &ctx.config.ai;
     let Some(base) = &ai.base_url else {
@@ -368,6 +369,10 @@ pub async fn ai(ctx: &ActionContext, input: &Value) -> Result<Value, ActionError
     if let Some(n) = input.get("maxTokens").and_then(Value::as_u64) {
         body["max_tokens"] = json!(n);
     }
+    let want_json = input.get("responseFormat").and_then(Value::as_str) == Some("json");
+    if want_json {
+        body["response_format"] = json!({"type": "json_object"});
+    }
     let mut req = ctx
         .ai_http
         .post(format!("{base}/chat/completions"))
@@ -400,5 +405,18 @@ pub async fn ai(ctx: &ActionContext, input: &Value) -> Result<Value, ActionError
     let text = answer["choices"][0]["message"]["content"]
         .as_str()
         .ok_or_else(|| ActionError::permanent("ai_bad_answer", "no choices[0].message.content"))?;
-    Ok(json!({"text": text, "model": answer["model"], "usage": answer["usage"]}))
+    let mut out = json!({"text": text, "model": answer["model"], "usage": answer["usage"]});
+    if want_json {
+        // The answer parsed (a model asked for JSON may still wrap it in a code fence).
+        let trimmed = text
+            .trim()
+            .trim_start_matches("```json")
+            .trim_start_matches("```")
+            .trim_end_matches("```")
+            .trim();
+        out["json"] = serde_json::from_str::<Value>(trimmed).map_err(|e| {
+            ActionError::transient("ai_bad_answer", format!("asked for JSON, got text ({e})"))
+        })?;
+    }
+    Ok(out)
 }

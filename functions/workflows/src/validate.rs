@@ -565,7 +565,7 @@ impl Checker {
             }
             Action::Ai => either(self, "prompt", "messages"),
             Action::File => {
-                self.one_of(&o, "op", true, &["read", "write", "list"]);
+                self.one_of(&o, "op", true, &["read", "write", "list", "epub"]);
                 if let Some(p) = self.string(&o, "path", true)
                     && !is_template(p)
                     && let Err(e) = sandboxed_path(p)
@@ -574,6 +574,10 @@ impl Checker {
                 }
                 if map.get("op").and_then(Value::as_str) == Some("write") {
                     self.field(&o, "content", true);
+                }
+                if map.get("op").and_then(Value::as_str) == Some("epub") {
+                    text(self, "title", true);
+                    either(self, "chapters", "content");
                 }
             }
             Action::Delay => {
