@@ -351,6 +351,11 @@ async fn parallel_branches_join_and_every_step_is_visible() {
         ],
     );
     register(&env, &def).await;
+    // A reader watches the project's channel.
+    let mut watcher =
+        inkwire_tests::WsClient::connect(&env.ws_url("collaboration", &env.token("rita"))).await;
+    let ok = watcher.subscribe("project:p-w", None).await;
+    assert_eq!(ok["op"], "subscribed", "{ok}");
     let run = execute(&env, "w-dag", &json!({"input": {"who": "olga"}})).await;
     let view = ended(&env, &run, Duration::from_secs(15)).await;
     assert_eq!(view["status"], "completed", "{view:#}");
@@ -414,6 +419,22 @@ async fn parallel_branches_join_and_every_step_is_visible() {
             .unwrap_or_else(|errs| panic!("{e}: {errs:?}"));
         assert_eq!(e["projectId"], "p-w");
     }
+    // The progress reached the project's channel live: each step, then the run's end.
+    let mut succeeded = std::collections::BTreeSet::new();
+    loop {
+        let f = watcher.next().await;
+        if f["type"] != "workflow_update" || f["data"]["runId"] != run.as_str() {
+            continue;
+        }
+        let d = &f["data"];
+        if d["kind"] == "step" && d["status"] == "succeeded" {
+            succeeded.insert(d["stepId"].as_str().unwrap().to_string());
+        }
+        if d["kind"] == "workflow" && d["status"] == "completed" {
+            break;
+        }
+    }
+    assert_eq!(succeeded.len(), 5, "{succeeded:?}");
     // The counters.
     let (_, stats) = env
         .get("/api/workflows/stats?projectId=p-w", &env.token("rita"))
