@@ -1740,3 +1740,70 @@ async fn the_publication_pipeline_builds_an_epub_uploads_it_and_tells_the_author
         "{olga:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_at_each_phase_of_a_step_loses_nothing_and_repeats_no_effect() {
+    let env = TestEnv::start().await;
+    env.add_member("p-w", "olga", ProjectRole::Owner).await;
+    let (peer_url, peer) = start_peer().await;
+    let def = workflow(
+        "w-phases",
+        vec![
+            json!({"id": "a", "action": "http", "timeout": "1s", "input": {"url": format!("{peer_url}/ok/a-{{{{ run.id }}}}")}}),
+            json!({"id": "count", "action": "redis", "dependsOn": ["a"], "timeout": "1s", "input": {"op": "incr", "key": "phases"}}),
+            json!({"id": "b", "action": "http", "dependsOn": ["count"], "timeout": "1s", "input": {"url": format!("{peer_url}/ok/b-{{{{ run.id }}}}")}}),
+        ],
+    );
+    register(&env, &def).await;
+    let files = tempfile::tempdir().unwrap();
+    let files = files.path().to_str().unwrap().to_string();
+    let base_env = vec![
+        ("INKWIRE_WORKFLOW_WATCH_GRACE", "1s"),
+        ("INKWIRE_WORKFLOW_LEASE_MARGIN", "200ms"),
+        ("INKWIRE_WORKFLOW_HTTP_ALLOW_PRIVATE", "1"),
+        ("INKWIRE_WORKFLOW_FILES_DIR", files.as_str()),
+    ];
+    let exe = env!("CARGO_BIN_EXE_workflows-worker-process");
+    let phases = ["received", "started", "acted", "finished", "dispatched"];
+    for phase in phases {
+        let mut crashing = base_env.clone();
+        crashing.push(("INKWIRE_WORKFLOW_CRASH_AT", phase));
+        let mut doomed = inkwire_tests::ServerProcess::start(&env, exe, &crashing).await;
+        let run = execute(&env, "w-phases", &json!({})).await;
+        assert!(
+            doomed.exited_within(Duration::from_secs(10)).await,
+            "{phase}: never reached"
+        );
+        // A healthy worker takes over; the run completes with each effect once.
+        let healthy = inkwire_tests::ServerProcess::start(&env, exe, &base_env).await;
+        let view = ended(&env, &run, Duration::from_secs(20)).await;
+        assert_eq!(view["status"], "completed", "{phase}: {view:#}");
+        for s in ["a", "b"] {
+            let keys: std::collections::BTreeSet<String> = peer
+                .calls(&format!("/ok/{s}-{run}"))
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(keys.len(), 1, "{phase}: {s} {keys:?}");
+        }
+        let events = events_with(&env, &run, "workflow_completed").await;
+        let count = |t: &str| events.iter().filter(|e| e["type"] == t).count();
+        assert_eq!(
+            (
+                count("workflow_started"),
+                count("action_executed"),
+                count("workflow_completed")
+            ),
+            (1, 3, 1),
+            "{phase}"
+        );
+        drop(healthy);
+    }
+    let mut redis = env.state.redis.clone();
+    let n: i64 = redis::cmd("GET")
+        .arg("inkwire:wf:data:p-w:phases")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(n, phases.len() as i64, "a redis effect was repeated");
+}

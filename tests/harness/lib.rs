@@ -456,6 +456,21 @@ impl ServerProcess {
         ServerProcess { base, child }
     }
 
+    /// Waits until the process exits by itself (e.g. an injected crash); false after
+    /// `timeout`.
+    pub async fn exited_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.child.try_wait().expect("try_wait").is_some() {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILL, and waits until the process is gone.
     pub fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");

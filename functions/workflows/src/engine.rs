@@ -575,8 +575,25 @@ enum Outcome {
     Abandoned,
 }
 
+/// Fault injection for the crash tests: with `INKWIRE_WORKFLOW_CRASH_AT` set to `received`,
+/// `started`, `acted`, `finished` or `dispatched`, the process aborts (no unwinding, no
+/// cleanup: as a SIGKILL would leave things) the first time a step reaches that point. Unset
+/// in every real deployment; read once.
+fn crash_point(phase: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("INKWIRE_WORKFLOW_CRASH_AT").ok())
+        .as_deref()
+        == Some(phase)
+    {
+        eprintln!("INKWIRE_WORKFLOW_CRASH_AT={phase}: aborting");
+        std::process::abort();
+    }
+}
+
 /// Handles one dispatch (the consumer's handler).
 pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerError> {
+    crash_point("received");
     let d: Dispatch = serde_json::from_slice(&delivery.payload)
         .map_err(|e| HandlerError::Permanent(format!("not a step dispatch: {e}")))?;
     let base_step = d.step.strip_suffix(COMPENSATION).unwrap_or(&d.step);
@@ -622,6 +639,9 @@ pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerEr
         .invoke_async(&mut redis)
         .await
         .map_err(|e| retry(e.to_string()))?;
+    if verdict == "ok" {
+        crash_point("started");
+    }
     if verdict != "ok" {
         tracing::debug!(
             run = d.run,
@@ -663,11 +683,14 @@ pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerEr
         }
     };
     let elapsed = now_ms().saturating_sub(started);
+    crash_point("acted");
     finish(
         engine, &loaded, &d, step, &project, &token, outcome, rendered, elapsed,
     )
     .await
-    .map_err(|e| retry(e.to_string()))
+    .map_err(|e| retry(e.to_string()))?;
+    crash_point("dispatched");
+    Ok(())
 }
 
 /// Runs the step's action under its timeout, watching for a cancel.
@@ -1056,6 +1079,7 @@ async fn finish(
     if run_status == "stale" {
         return Ok(());
     }
+    crash_point("finished");
     engine.dispatch_ready(&d.run, ready, 1).await?;
     let status_text = if succeeded { "succeeded" } else { "failed" };
     if step.action != Action::Condition {
