@@ -225,12 +225,28 @@ async fn list(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, Problem> {
-    refuse_unknown_params(&params, &["projectId"])?;
+    let mut out = Vec::new();
+    for id in readable_ids(&api, &caller, &params).await? {
+        if let Some(s) = summary(&api, &id).await? {
+            out.push(s);
+        }
+    }
+    Ok(Json(json!({"workflows": out})))
+}
+
+/// The ids of the workflows the caller may read, of `projectId` when given (`403` for a
+/// project the caller is not a member of).
+async fn readable_ids(
+    api: &WorkflowsApi,
+    caller: &Caller,
+    params: &HashMap<String, String>,
+) -> Result<Vec<String>, Problem> {
+    refuse_unknown_params(params, &["projectId"])?;
     let mut redis = api.app.redis.clone();
     let projects: Vec<Option<String>> = match params.get("projectId") {
         Some(p) => {
             let p = checked_id("project", p)?;
-            if right(&api, &caller, p).await?.is_none() {
+            if right(api, caller, p).await?.is_none() {
                 return Err(Problem::forbidden(format!(
                     "you are not a member of project {p}"
                 )));
@@ -245,18 +261,15 @@ async fn list(
             .map(Some)
             .collect(),
     };
-    let mut out = Vec::new();
+    let mut ids = Vec::new();
     for p in projects {
-        for id in registry::ids(&mut redis, p.as_deref())
-            .await
-            .map_err(redis_err)?
-        {
-            if let Some(s) = summary(&api, &id).await? {
-                out.push(s);
-            }
-        }
+        ids.extend(
+            registry::ids(&mut redis, p.as_deref())
+                .await
+                .map_err(redis_err)?,
+        );
     }
-    Ok(Json(json!({"workflows": out})))
+    Ok(ids)
 }
 
 /// The latest (or asked) version, if the caller may read it.
@@ -684,51 +697,29 @@ async fn stats(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, Problem> {
-    refuse_unknown_params(&params, &["projectId"])?;
+    let ids = readable_ids(&api, &caller, &params).await?;
     let mut redis = api.app.redis.clone();
-    let projects: Vec<Option<String>> = match params.get("projectId") {
-        Some(p) => {
-            let p = checked_id("project", p)?;
-            if right(&api, &caller, p).await?.is_none() {
-                return Err(Problem::forbidden(format!(
-                    "you are not a member of project {p}"
-                )));
-            }
-            vec![Some(p.to_string())]
-        }
-        None if caller.is_privileged() => vec![None],
-        None => membership::projects_of(&mut redis, &caller.user_id)
-            .await
-            .map_err(redis_err)?
-            .into_iter()
-            .map(Some)
-            .collect(),
-    };
     let mut out = Vec::new();
     let mut totals: HashMap<&str, u64> = HashMap::new();
-    for p in projects {
-        for id in registry::ids(&mut redis, p.as_deref())
+    for id in ids {
+        let c: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(store::stats_key(&id))
+            .query_async(&mut redis)
             .await
-            .map_err(redis_err)?
-        {
-            let c: HashMap<String, u64> = redis::cmd("HGETALL")
-                .arg(store::stats_key(&id))
-                .query_async(&mut redis)
-                .await
-                .map_err(redis_err)?;
-            let n = |k: &str| c.get(k).copied().unwrap_or(0);
-            let ended = n("completed") + n("failed") + n("cancelled");
-            for k in [
-                "started",
-                "completed",
-                "failed",
-                "cancelled",
-                "stepsSucceeded",
-                "stepsFailed",
-            ] {
-                *totals.entry(k).or_default() += n(k);
-            }
-            out.push(json!({
+            .map_err(redis_err)?;
+        let n = |k: &str| c.get(k).copied().unwrap_or(0);
+        let ended = n("completed") + n("failed") + n("cancelled");
+        for k in [
+            "started",
+            "completed",
+            "failed",
+            "cancelled",
+            "stepsSucceeded",
+            "stepsFailed",
+        ] {
+            *totals.entry(k).or_default() += n(k);
+        }
+        out.push(json!({
                 "workflowId": id,
                 "started": n("started"),
                 "completed": n("completed"),
@@ -739,7 +730,6 @@ async fn stats(
                 "stepsSucceeded": n("stepsSucceeded"),
                 "stepsFailed": n("stepsFailed"),
             }));
-        }
     }
     Ok(Json(json!({"workflows": out, "totals": totals})))
 }

@@ -952,6 +952,34 @@ pub fn rfc3339(ms: u64) -> String {
         .unwrap_or_default()
 }
 
+/// Puts a running attempt's step back: `ready` for attempt `attempt` at `at` (a retry), or
+/// `waiting` until `at` (a delay).
+async fn suspend(
+    engine: &Engine,
+    d: &Dispatch,
+    token: &str,
+    state: &str,
+    attempt: u32,
+    at: u64,
+    error: &str,
+) -> anyhow::Result<()> {
+    let mut redis = engine.redis.clone();
+    let _: String = store::suspend_script()
+        .key(store::run_key(&d.run))
+        .key(store::watch_key())
+        .key(store::watch_lease_key(&d.run))
+        .arg(&d.step)
+        .arg(token)
+        .arg(state)
+        .arg(attempt)
+        .arg(at)
+        .arg(error)
+        .arg(&d.run)
+        .invoke_async(&mut redis)
+        .await?;
+    Ok(())
+}
+
 /// Stores an attempt's outcome, then publishes what follows from it.
 #[allow(clippy::too_many_arguments)]
 async fn finish(
@@ -965,26 +993,11 @@ async fn finish(
     rendered: Value,
     elapsed_ms: u64,
 ) -> anyhow::Result<()> {
-    let mut redis = engine.redis.clone();
-    let run_key = store::run_key(&d.run);
-    let lease_key = store::watch_lease_key(&d.run);
     let now = now_ms();
     let (succeeded, output, error, skip) = match outcome {
         Outcome::Abandoned => return Ok(()),
         Outcome::Wait { until } => {
-            let _: String = store::suspend_script()
-                .key(&run_key)
-                .key(store::watch_key())
-                .key(&lease_key)
-                .arg(&d.step)
-                .arg(token)
-                .arg(step_status::WAITING)
-                .arg(d.attempt)
-                .arg(until)
-                .arg("")
-                .arg(&d.run)
-                .invoke_async(&mut redis)
-                .await?;
+            suspend(engine, d, token, step_status::WAITING, d.attempt, until, "").await?;
             engine
                 .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": "waiting", "attempt": d.attempt, "until": rfc3339(until)}))
                 .await;
@@ -1004,19 +1017,16 @@ async fn finish(
             if retryable {
                 let next = d.attempt + 1;
                 let at = now + backoff(step, next).as_millis() as u64;
-                let _: String = store::suspend_script()
-                    .key(&run_key)
-                    .key(store::watch_key())
-                    .key(&lease_key)
-                    .arg(&d.step)
-                    .arg(token)
-                    .arg(step_status::READY)
-                    .arg(next)
-                    .arg(at)
-                    .arg(err.to_string())
-                    .arg(&d.run)
-                    .invoke_async(&mut redis)
-                    .await?;
+                suspend(
+                    engine,
+                    d,
+                    token,
+                    step_status::READY,
+                    next,
+                    at,
+                    &err.to_string(),
+                )
+                .await?;
                 engine
                     .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": "retrying", "attempt": d.attempt, "error": err, "nextAttemptAt": rfc3339(at)}))
                     .await;
@@ -1043,9 +1053,9 @@ async fn finish(
     };
     let mut invocation = store::finish_script().prepare_invoke();
     invocation
-        .key(&run_key)
+        .key(store::run_key(&d.run))
         .key(store::watch_key())
-        .key(&lease_key)
+        .key(store::watch_lease_key(&d.run))
         .arg(&d.step)
         .arg(token)
         .arg(if succeeded {
@@ -1072,6 +1082,7 @@ async fn finish(
     for s in &skip {
         invocation.arg(s);
     }
+    let mut redis = engine.redis.clone();
     let answer: Vec<String> = invocation.invoke_async(&mut redis).await?;
     let Some((run_status, ready)) = answer.split_first() else {
         return Ok(());
