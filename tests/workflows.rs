@@ -508,6 +508,15 @@ async fn retries_back_off_and_timeouts_and_4xx_end_the_step() {
         gap2 >= Duration::from_millis(590) && gap2 < Duration::from_millis(2000),
         "{gap2:?}"
     );
+    // Every attempt is in the step's log.
+    let outcomes: Vec<&str> = s["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, vec!["retrying", "retrying", "succeeded"], "{s:#}");
+    assert_eq!(s["log"][0]["error"]["code"], "http_503");
     // One key for every attempt of the step.
     assert!(calls.iter().all(|(k, _)| *k == calls[0].0));
 

@@ -553,6 +553,7 @@ async fn run_json(api: &WorkflowsApi, run: &str, full: bool) -> Result<Option<Va
                     "durationMs": t1.zip(t0).map(|(e, s)| e.saturating_sub(s)),
                     "nextAttemptAt": (status == "ready").then(|| num(&format!("rd:{id}")).map(rfc3339)).flatten(),
                     "waitingUntil": (status == "waiting").then(|| num(&format!("wu:{id}")).map(rfc3339)).flatten(),
+                    "log": parse(&format!("log:{id}")).unwrap_or_else(|| json!([])),
                 })
             })
             .collect();

@@ -954,6 +954,7 @@ pub fn rfc3339(ms: u64) -> String {
 
 /// Puts a running attempt's step back: `ready` for attempt `attempt` at `at` (a retry), or
 /// `waiting` until `at` (a delay).
+#[allow(clippy::too_many_arguments)]
 async fn suspend(
     engine: &Engine,
     d: &Dispatch,
@@ -962,6 +963,7 @@ async fn suspend(
     attempt: u32,
     at: u64,
     error: &str,
+    log: &Value,
 ) -> anyhow::Result<()> {
     let mut redis = engine.redis.clone();
     let _: String = store::suspend_script()
@@ -975,6 +977,7 @@ async fn suspend(
         .arg(at)
         .arg(error)
         .arg(&d.run)
+        .arg(log.to_string())
         .invoke_async(&mut redis)
         .await?;
     Ok(())
@@ -994,10 +997,32 @@ async fn finish(
     elapsed_ms: u64,
 ) -> anyhow::Result<()> {
     let now = now_ms();
+    // The attempt's record in the step's log.
+    let log = |outcome: &str, error: Option<&Value>| {
+        json!({
+            "attempt": d.attempt,
+            "startedAt": rfc3339(now.saturating_sub(elapsed_ms)),
+            "endedAt": rfc3339(now),
+            "durationMs": elapsed_ms,
+            "outcome": outcome,
+            "error": error,
+        })
+    };
     let (succeeded, output, error, skip) = match outcome {
         Outcome::Abandoned => return Ok(()),
         Outcome::Wait { until } => {
-            suspend(engine, d, token, step_status::WAITING, d.attempt, until, "").await?;
+            let entry = log("waiting", None);
+            suspend(
+                engine,
+                d,
+                token,
+                step_status::WAITING,
+                d.attempt,
+                until,
+                "",
+                &entry,
+            )
+            .await?;
             engine
                 .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": "waiting", "attempt": d.attempt, "until": rfc3339(until)}))
                 .await;
@@ -1017,6 +1042,7 @@ async fn finish(
             if retryable {
                 let next = d.attempt + 1;
                 let at = now + backoff(step, next).as_millis() as u64;
+                let entry = log("retrying", Some(&err));
                 suspend(
                     engine,
                     d,
@@ -1025,6 +1051,7 @@ async fn finish(
                     next,
                     at,
                     &err.to_string(),
+                    &entry,
                 )
                 .await?;
                 engine
@@ -1078,7 +1105,14 @@ async fn finish(
             rendered.to_string()
         })
         .arg(&d.run)
-        .arg(&ev);
+        .arg(&ev)
+        .arg(
+            log(
+                if succeeded { "succeeded" } else { "failed" },
+                error.as_ref(),
+            )
+            .to_string(),
+        );
     for s in &skip {
         invocation.arg(s);
     }

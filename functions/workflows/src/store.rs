@@ -8,7 +8,8 @@
 //!   state, `order` = the steps that succeeded, in completion order) and per step `{f}:{step}`:
 //!   `st` status, `at` attempt, `ev` its `action_executed` event until published, `tk` the token of the attempt holding it, `ls` the end of
 //!   that attempt's lease, `rd` when a ready step may start (a retry's backoff), `wu` when a
-//!   waiting delay ends, `in` / `out` / `err` (JSON), `t0` / `t1` (ms), `deps` / `kids` (the
+//!   waiting delay ends, `in` / `out` / `err` (JSON), `t0` / `t1` (ms), `log` (a JSON list
+//!   of every attempt: when, how long, the outcome and error), `deps` / `kids` (the
 //!   DAG's edges, comma-separated, so that the scripts release dependants without the
 //!   definition).
 //!   A step with a compensation has `cmp:{step}`; while a run rolls back, each compensation
@@ -167,8 +168,8 @@ pub fn start_script() -> &'static redis::Script {
 /// KEYS: run, watch, watch lease. ARGV: step, token, outcome (`succeeded` | `failed`),
 /// strategy (`fail` | `continue`), now, watch at, output JSON (or ''), error JSON (or ''),
 /// rendered input JSON (or ''), run id, the step's event to publish (`ev:{step}`: attempt,
-/// status and duration, kept until the event is acknowledged), then the steps a condition
-/// did not take.
+/// status and duration, kept until the event is acknowledged), the attempt's log record
+/// (JSON), then the steps a condition did not take.
 /// Answers `{run status after, ready steps...}` or `{'stale'}` when the token is not the
 /// attempt's any more.
 ///
@@ -190,6 +191,7 @@ if ARGV[7] ~= '' then redis.call('HSET', K, 'out:' .. step, ARGV[7]) end
 if ARGV[8] ~= '' then redis.call('HSET', K, 'err:' .. step, ARGV[8]) else redis.call('HDEL', K, 'err:' .. step) end
 if ARGV[9] ~= '' then redis.call('HSET', K, 'in:' .. step, ARGV[9]) end
 if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', K, 'ev:' .. step, ARGV[11]) end
+append_log(K, step, ARGV[12])
 local comp = string.sub(step, -2) == '~c'
 if ARGV[3] == 'succeeded' and not comp then
   local order = redis.call('HGET', K, 'order')
@@ -221,7 +223,7 @@ if ARGV[3] == 'failed' and ARGV[4] == 'fail' then
   return {'failed'}
 end
 local work = {step}
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   local id = ARGV[i]
   if redis.call('HGET', K, 'st:' .. id) == 'pending' then
     redis.call('HSET', K, 'st:' .. id, 'skipped')
@@ -269,14 +271,29 @@ return out
 
 pub fn finish_script() -> &'static redis::Script {
     static S: OnceLock<redis::Script> = OnceLock::new();
-    S.get_or_init(|| redis::Script::new(&format!("{BEGIN_ROLLBACK}{FINISH}")))
+    S.get_or_init(|| redis::Script::new(&format!("{BEGIN_ROLLBACK}{APPEND_LOG}{FINISH}")))
 }
+
+/// Appends one attempt's record (JSON) to a step's log (`log:{step}`, a JSON list kept as
+/// text, at most the last 50 attempts' worth of growth is bounded by `maxAttempts`).
+const APPEND_LOG: &str = r#"
+local function append_log(K, step, entry)
+  if not entry or entry == '' then return end
+  local cur = redis.call('HGET', K, 'log:' .. step)
+  if cur and string.len(cur) > 2 then
+    cur = string.sub(cur, 1, -2) .. ',' .. entry .. ']'
+  else
+    cur = '[' .. entry .. ']'
+  end
+  redis.call('HSET', K, 'log:' .. step, cur)
+end
+"#;
 
 /// Puts a running step back to `ready` for its next attempt (after a backoff), or to
 /// `waiting` until a delay ends.
 ///
 /// KEYS: run, watch, watch lease. ARGV: step, token, new state (`ready` | `waiting`), next
-/// attempt, when (ms), error JSON (or ''), run id.
+/// attempt, when (ms), error JSON (or ''), run id, the attempt's log record (JSON, or '').
 /// Answers `ok`, `stale`, or the run's status when it is not running.
 const SUSPEND: &str = r#"
 local K = KEYS[1]
@@ -296,6 +313,7 @@ else
   redis.call('HSET', K, 'wu:' .. step, ARGV[5])
 end
 if ARGV[6] ~= '' then redis.call('HSET', K, 'err:' .. step, ARGV[6]) end
+append_log(K, step, ARGV[8])
 redis.call('HDEL', K, 'ls:' .. step)
 redis.call('ZADD', KEYS[2], 'LT', ARGV[5], ARGV[7])
 redis.call('DEL', KEYS[3])
@@ -304,7 +322,7 @@ return 'ok'
 
 pub fn suspend_script() -> &'static redis::Script {
     static S: OnceLock<redis::Script> = OnceLock::new();
-    script(&S, SUSPEND)
+    S.get_or_init(|| redis::Script::new(&format!("{APPEND_LOG}{SUSPEND}")))
 }
 
 /// Cancels a running run: steps not started become `cancelled`, attempts running see the
