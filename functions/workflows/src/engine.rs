@@ -81,9 +81,14 @@ pub struct Dispatch {
     pub run: String,
     pub step: String,
     pub attempt: u32,
-    /// When the step became ready (ms): for the dispatch latency figure.
+    /// When the step became ready (µs since the epoch; 0 from the watcher): for the dispatch
+    /// latency figure.
     #[serde(default)]
-    pub ready_at: u64,
+    pub ready_us: u64,
+}
+
+pub fn now_us() -> u64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000) as u64
 }
 
 pub fn now_ms() -> u64 {
@@ -187,13 +192,13 @@ impl Engine {
         steps: &[String],
         attempt: u32,
     ) -> anyhow::Result<()> {
-        let now = now_ms();
+        let now = now_us();
         let publishes = steps.iter().map(|s| {
             let d = Dispatch {
                 run: run.to_string(),
                 step: s.clone(),
                 attempt,
-                ready_at: now,
+                ready_us: now,
             };
             async move {
                 self.dispatch(&d, format!("wf:{run}:{}:{attempt}", d.step))
@@ -652,10 +657,10 @@ pub async fn handle(engine: &Engine, delivery: Delivery) -> Result<(), HandlerEr
         );
         return Ok(());
     }
-    if let (Some(lat), true) = (&engine.latencies, d.ready_at > 0 && d.attempt == 1) {
-        let us = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000
-            - d.ready_at as i128 * 1_000;
-        lat.lock().unwrap().push(us.max(0) as u64);
+    if let (Some(lat), true) = (&engine.latencies, d.ready_us > 0 && d.attempt == 1) {
+        lat.lock()
+            .unwrap()
+            .push(now_us().saturating_sub(d.ready_us));
     }
     // Later fields (other steps' outputs) were read before START: fine, a step reads only its
     // ancestors, which finished before it was released.
@@ -1125,14 +1130,23 @@ async fn finish(
         return Ok(());
     }
     crash_point("finished");
-    engine.dispatch_ready(&d.run, ready, 1).await?;
     let status_text = if succeeded { "succeeded" } else { "failed" };
-    if step.action != Action::Condition {
-        publish_action_event(engine, &loaded.definition, &d.run, &d.step, &ev).await?;
-    }
-    engine
-        .push_progress(project, json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": status_text, "attempt": d.attempt, "output": output, "error": error}))
-        .await;
+    // The released steps, the step's event and its progress frame are independent: sent
+    // together, so the attempt is over after one publish round trip instead of three. All
+    // before the run's final event (`run_ended`), which must come after the last step's.
+    let progress = json!({"kind": "step", "runId": d.run, "stepId": d.step, "status": status_text, "attempt": d.attempt, "output": output, "error": error});
+    let (dispatched, evented, ()) = futures::join!(
+        engine.dispatch_ready(&d.run, ready, 1),
+        async {
+            if step.action == Action::Condition {
+                return Ok(());
+            }
+            publish_action_event(engine, &loaded.definition, &d.run, &d.step, &ev).await
+        },
+        engine.push_progress(project, progress),
+    );
+    dispatched?;
+    evented?;
     if status::is_terminal(run_status) {
         if run_status == status::FAILED && !succeeded && step.on_error == OnError::Retry {
             schedule_auto_rerun(engine, &d.run, step).await?;
@@ -1430,7 +1444,7 @@ async fn look_at(
             run: run.clone(),
             step: step.to_string(),
             attempt,
-            ready_at: 0,
+            ready_us: 0,
         };
         match st.as_str() {
             step_status::READY => {

@@ -13,6 +13,7 @@ mod notify;
 mod presence;
 mod report;
 mod tracker;
+mod workflows;
 
 use clap::Subcommand;
 
@@ -38,6 +39,9 @@ pub enum Scenario {
     /// Analytics: events counted per second from a backlog vs a bare JetStream consumer;
     /// bucket end → push lag at a steady rate.
     Analytics(analytics::AnalyticsArgs),
+    /// Workflows: steps/s through a 10-step DAG with runs in flight and step dispatch
+    /// latency, vs a bare JetStream publish → consume round trip.
+    Workflows(workflows::WorkflowsArgs),
     /// The client side of `fanout`, run as a separate process (internal).
     #[command(hide = true)]
     FanoutClients(fanout::ClientsArgs),
@@ -133,6 +137,7 @@ pub async fn run(scenario: Scenario) -> anyhow::Result<()> {
         Scenario::Presence(args) => presence::run(args).await,
         Scenario::Chat(args) => chat::run(args).await,
         Scenario::Analytics(args) => analytics::run(args).await,
+        Scenario::Workflows(args) => workflows::run(args).await,
         Scenario::FanoutClients(args) => fanout::clients(args).await,
     }
 }
