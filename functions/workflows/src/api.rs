@@ -105,12 +105,9 @@ async fn right(
     Ok(role.map(|r| r == ProjectRole::Owner))
 }
 
-async fn register(
-    State(api): State<WorkflowsApi>,
-    caller: Caller,
-    JsonBody(body): JsonBody,
-) -> Result<Response, Problem> {
-    let definition = parse_definition(&body).map_err(|errors| {
+/// A definition checked in full: `400 validation_failed` with every problem's pointer.
+fn checked_definition(json: &Value) -> Result<crate::Definition, Problem> {
+    parse_definition(json).map_err(|errors| {
         Problem::validation(
             errors
                 .into_iter()
@@ -122,7 +119,15 @@ async fn register(
                 })
                 .collect(),
         )
-    })?;
+    })
+}
+
+async fn register(
+    State(api): State<WorkflowsApi>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, Problem> {
+    let definition = checked_definition(&body)?;
     if RESERVED_IDS.contains(&definition.id.as_str()) {
         return Err(Problem::validation(vec![FieldError {
             pointer: "/id".into(),
@@ -808,18 +813,6 @@ async fn install(
             }])
         }
     })?;
-    let definition = parse_definition(&json).map_err(|errors| {
-        Problem::validation(
-            errors
-                .into_iter()
-                .map(|e| FieldError {
-                    pointer: e.path,
-                    rule: "workflow".into(),
-                    kind: "definition".into(),
-                    message: e.message,
-                })
-                .collect(),
-        )
-    })?;
+    let definition = checked_definition(&json)?;
     store_definition(&api, &caller, definition).await
 }
